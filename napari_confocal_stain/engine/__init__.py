@@ -1,0 +1,1 @@
+"""Region renderer: tile cache, scheduler, cancellation (no Qt)."""

@@ -1,0 +1,1 @@
+"""Readers, writers and the synthetic mosaic generator (no Qt, no napari)."""
