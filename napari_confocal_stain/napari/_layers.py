@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_confocal_stain.io.mosaic import ConfocalMosaic
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_confocal_stain.io.mosaic import ConfocalMosaic
 
 #: Key under which every layer this plugin makes keeps its provenance.
 META_KEY = "confocal_stain"

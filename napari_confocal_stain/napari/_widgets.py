@@ -244,6 +244,7 @@ class ConfocalStainWidget(Container):
         self.stain_on_open = CheckBox(text="Show the linear stain when a slide opens", value=True)
         self.info = Label(value="No slide open.")
         self.linear = LinearStainWidget(viewer)
+        self._auto_stained: set[str] = set()
         super().__init__(
             widgets=[
                 Label(value="<b>Slide</b>"),
@@ -259,9 +260,28 @@ class ConfocalStainWidget(Container):
         )
         self.sample_button.changed.connect(self.open_sample)
         self.open_button.changed.connect(lambda *_: self.open_path(self.path.value))
-        viewer.layers.events.inserted.connect(self._refresh_info)
-        viewer.layers.events.removed.connect(self._refresh_info)
+        viewer.layers.events.inserted.connect(self._on_layers_changed)
+        viewer.layers.events.removed.connect(self._on_layers_changed)
+        # Slides opened before the panel (e.g. `napari SLIDE -w napari-confocal-stain`).
+        self._on_layers_changed()
+
+    def _on_layers_changed(self, *_: Any) -> None:
         self._refresh_info()
+        if self.stain_on_open.value:
+            from qtpy.QtCore import QTimer
+
+            # Deferred: adding a layer from inside the layer list's own event is fragile.
+            QTimer.singleShot(0, self._stain_new_slides)
+
+    def _stain_new_slides(self) -> None:
+        """Add the linear stain of every slide whose R and F are open but not yet stained."""
+        stained = slide_layers(self._viewer, "linear")
+        complete = set(slide_layers(self._viewer, "R")) & set(slide_layers(self._viewer, "F"))
+        for slide in sorted(complete - set(stained) - self._auto_stained):
+            self._auto_stained.add(slide)  # once: removing the stain layer is respected
+            self.linear.reset_choices()
+            self.linear.slide.value = slide
+            self.linear.apply()
 
     def _refresh_info(self, *_: Any) -> None:
         slides = slide_layers(self._viewer, "R")
@@ -285,12 +305,6 @@ class ConfocalStainWidget(Container):
         layers = [
             self._viewer.add_image(data, **kwargs) for data, kwargs, _ in read_mosaic(str(path))
         ]
-        if layers:
-            self.linear.reset_choices()
-            self._refresh_info()
-            if self.stain_on_open.value:
-                self.linear.slide.value = layers[0].metadata[META_KEY]["slide"]
-                self.linear.apply()
         return layers
 
     def open_sample(self, *_: Any) -> Any:
