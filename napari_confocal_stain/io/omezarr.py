@@ -1,0 +1,335 @@
+"""Reading two-channel OME-Zarr (OME-NGFF 0.4 and 0.5) images lazily with zarr >= 3.
+
+Understands ``multiscales`` (axes, datasets, ``coordinateTransformations`` scale) at the
+group root, under ``attributes.ome`` (NGFF 0.5, zarr v3) or one level down in a
+``bioformats2raw.layout`` container, and ``omero.channels[].label`` for the channel
+names. A bare zarr array ``(C, Y, X)`` / ``(Y, X, C)`` is accepted too. Opening reads
+only the JSON metadata; a :class:`ZarrPlane` slice reads only the chunks under it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from napari_confocal_stain.errors import MosaicError
+from napari_confocal_stain.io.tiff import unit_to_um
+
+__all__ = ["ZarrImage", "ZarrPlane", "is_zarr", "open_omezarr"]
+
+_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
+_PIXEL_SIZE_RANGE_UM = (0.005, 20.0)
+
+
+def is_zarr(path: str | Path) -> bool:
+    """Return whether ``path`` is a directory holding zarr (v2 or v3) metadata.
+
+    Parameters
+    ----------
+    path
+        Directory to check.
+
+    Returns
+    -------
+    bool
+    """
+    p = Path(path)
+    return p.is_dir() and any((p / m).is_file() for m in _ZARR_MARKERS)
+
+
+class ZarrPlane:
+    """One channel of one level of a zarr array, as a lazy 2-D array.
+
+    Parameters
+    ----------
+    array
+        The N-D zarr array of one level.
+    y_axis, x_axis
+        Indices of the spatial axes.
+    index
+        Integer index for every other axis (the channel, and 0 for singleton t/z).
+    """
+
+    ndim = 2
+
+    def __init__(self, array: Any, y_axis: int, x_axis: int, index: dict[int, int]) -> None:
+        self.array = array
+        self.y_axis = y_axis
+        self.x_axis = x_axis
+        self.index = dict(index)
+        self.shape = (int(array.shape[y_axis]), int(array.shape[x_axis]))
+        self.dtype = np.dtype(array.dtype)
+        chunks = array.chunks
+        self.chunk = (int(chunks[y_axis]), int(chunks[x_axis]))
+        self.kind = "tiled"
+
+    def __repr__(self) -> str:
+        return f"ZarrPlane({self.array!r}, shape={self.shape}, index={self.index})"
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (2 - len(key))
+        full: list[Any] = []
+        for axis in range(len(self.array.shape)):
+            if axis == self.y_axis:
+                full.append(key[0])
+            elif axis == self.x_axis:
+                full.append(key[1])
+            else:
+                full.append(self.index.get(axis, 0))
+        out = np.asarray(self.array[tuple(full)])
+        if self.y_axis > self.x_axis and out.ndim == 2:
+            out = out.T  # (X, Y) storage order: present it as (Y, X)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self[:, :]
+        return arr if dtype is None else arr.astype(dtype)
+
+
+@dataclass
+class ZarrImage:
+    """Metadata and lazy planes of an OME-Zarr image.
+
+    Attributes
+    ----------
+    path
+        The zarr directory.
+    levels
+        ``levels[k][c]``: channel ``c`` of level ``k`` (level 0 first).
+    channel_names
+        ``omero`` channel labels (or ``None`` each).
+    dtype
+        Data type.
+    pixel_size_um
+        From the x axis' scale (µm), or ``None``.
+    pixel_size_source
+        Where it came from or why it was not taken.
+    axes
+        Axis names in storage order, e.g. ``"cyx"``.
+    version
+        NGFF version string (``""`` for a bare array).
+    """
+
+    path: str
+    levels: list[list[ZarrPlane]]
+    channel_names: list[str | None]
+    dtype: np.dtype
+    pixel_size_um: float | None
+    pixel_size_source: str
+    axes: str
+    version: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.levels[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.levels[0][0].shape
+
+
+def _axes_of(ms: dict[str, Any], ndim: int) -> tuple[list[str], list[str | None], list[str]]:
+    """Names, units and types of the axes (NGFF 0.4+ dicts, 0.3 strings, older: tczyx)."""
+    axes = ms.get("axes")
+    if axes is None:
+        names = list("tczyx"[-ndim:]) if ndim <= 5 else [f"d{i}" for i in range(ndim)]
+        return names, [None] * ndim, ["" for _ in names]
+    names, units, types = [], [], []
+    for ax in axes:
+        if isinstance(ax, str):
+            names.append(ax.lower())
+            units.append(None)
+            types.append("")
+        else:
+            names.append(str(ax.get("name", "")).lower())
+            units.append(ax.get("unit"))
+            types.append(str(ax.get("type", "")).lower())
+    return names, units, types
+
+
+def _scale_of(transforms: Any, ndim: int) -> list[float]:
+    scale = [1.0] * ndim
+    for t in transforms or ():
+        if isinstance(t, dict) and t.get("type") == "scale" and len(t.get("scale", ())) == ndim:
+            scale = [a * float(b) for a, b in zip(scale, t["scale"], strict=True)]
+    return scale
+
+
+def _find_multiscales(node: Any) -> tuple[Any, dict[str, Any] | None, dict[str, Any], str]:
+    """Return ``(group, multiscale dict, ome attrs, version)`` of the first image found."""
+    attrs = dict(node.attrs)
+    ome = attrs.get("ome", attrs) if isinstance(attrs.get("ome"), dict) else attrs
+    ms = ome.get("multiscales")
+    if ms:
+        version = str(ome.get("version") or ms[0].get("version") or "")
+        return node, ms[0], ome, version
+    if "bioformats2raw.layout" in ome or "bioformats2raw.layout" in attrs:
+        try:
+            child = node["0"]
+        except KeyError:
+            child = None
+        if child is not None and isinstance(child, zarr.Group):
+            return _find_multiscales(child)
+    return node, None, ome, ""
+
+
+def _plausible(um: float) -> bool:
+    return math.isfinite(um) and _PIXEL_SIZE_RANGE_UM[0] <= um <= _PIXEL_SIZE_RANGE_UM[1]
+
+
+def _bare_array_image(path: str, arr: Any) -> ZarrImage:
+    shape = tuple(int(n) for n in arr.shape)
+    if len(shape) == 2:
+        c_axis, y_axis, x_axis = None, 0, 1
+    elif len(shape) == 3:
+        # The channel axis is the short one: first (C, Y, X) or last (Y, X, C).
+        c_axis = 0 if shape[0] <= shape[2] else 2
+        y_axis, x_axis = (1, 2) if c_axis == 0 else (0, 1)
+    else:
+        raise MosaicError(path, f"is a zarr array of shape {shape}; expected (C, Y, X)")
+    n = shape[c_axis] if c_axis is not None else 1
+    planes = [
+        ZarrPlane(arr, y_axis, x_axis, {} if c_axis is None else {c_axis: c}) for c in range(n)
+    ]
+    axes = "".join(
+        "yx"[[y_axis, x_axis].index(i)] if i != c_axis else "c" for i in range(len(shape))
+    )
+    return ZarrImage(
+        path=path,
+        levels=[planes],
+        channel_names=[None] * n,
+        dtype=np.dtype(arr.dtype),
+        pixel_size_um=None,
+        pixel_size_source="bare zarr array (no NGFF metadata)",
+        axes=axes,
+        version="",
+    )
+
+
+def open_omezarr(path: str | Path) -> ZarrImage:
+    """Read the metadata of an OME-Zarr image and return lazy planes per channel and level.
+
+    Parameters
+    ----------
+    path
+        The ``.zarr`` directory (the image group, or a bioformats2raw container).
+
+    Returns
+    -------
+    ZarrImage
+
+    Raises
+    ------
+    MosaicError
+        If it is not zarr, has no multiscales, or has several non-spatial dimensions.
+    """
+    path = str(path)
+    try:
+        node = zarr.open(path, mode="r")
+    except Exception as exc:
+        raise MosaicError(path, f"cannot be opened as zarr ({type(exc).__name__}: {exc})") from exc
+    if isinstance(node, zarr.Array):
+        return _bare_array_image(path, node)
+    group, ms, ome, version = _find_multiscales(node)
+    if ms is None:
+        raise MosaicError(path, "is a zarr group without OME-NGFF 'multiscales' metadata")
+    datasets = ms.get("datasets") or []
+    if not datasets:
+        raise MosaicError(path, "has OME-NGFF multiscales without datasets")
+    arrays = []
+    for ds in datasets:
+        try:
+            arr = group[ds["path"]]
+        except (KeyError, TypeError) as exc:
+            raise MosaicError(path, f"lacks the dataset {ds.get('path')!r} it lists") from exc
+        arrays.append(arr)
+    ndim = len(arrays[0].shape)
+    names, units, types = _axes_of(ms, ndim)
+    if len(names) != ndim:
+        raise MosaicError(path, f"lists {len(names)} axes for {ndim}-D arrays")
+    space = [
+        i for i, (n, t) in enumerate(zip(names, types, strict=True)) if t == "space" or n in "zyx"
+    ]
+    if "y" in names and "x" in names:
+        y_axis, x_axis = names.index("y"), names.index("x")
+    elif len(space) >= 2:
+        y_axis, x_axis = space[-2], space[-1]
+    else:
+        raise MosaicError(path, f"has no two spatial axes (axes {names})")
+    c_axis = next(
+        (
+            i
+            for i, (n, t) in enumerate(zip(names, types, strict=True))
+            if t == "channel" or n == "c"
+        ),
+        None,
+    )
+    shape0 = tuple(int(n) for n in arrays[0].shape)
+    others = [i for i in range(ndim) if i not in (y_axis, x_axis, c_axis) and shape0[i] > 1]
+    if others:
+        dims = ", ".join(f"{names[i]}={shape0[i]}" for i in others)
+        raise MosaicError(
+            path, f"has extra non-spatial dimensions ({dims}); expected a 2-D image with channels"
+        )
+    n = shape0[c_axis] if c_axis is not None else 1
+
+    levels: list[list[ZarrPlane]] = []
+    previous = None
+    for arr in arrays:
+        shape = (int(arr.shape[y_axis]), int(arr.shape[x_axis]))
+        if previous is not None and not (shape[0] < previous[0] and shape[1] < previous[1]):
+            break
+        if c_axis is not None and int(arr.shape[c_axis]) != n:
+            break
+        levels.append(
+            [
+                ZarrPlane(arr, y_axis, x_axis, {} if c_axis is None else {c_axis: c})
+                for c in range(n)
+            ]
+        )
+        previous = shape
+
+    scale = _scale_of(datasets[0].get("coordinateTransformations"), ndim)
+    global_scale = _scale_of(ms.get("coordinateTransformations"), ndim)
+    sx = scale[x_axis] * global_scale[x_axis]
+    unit = units[x_axis]
+    pixel_size: float | None = None
+    if unit is None:
+        if sx != 1.0 and _plausible(sx):
+            pixel_size, pixel_source = sx, "NGFF scale (no unit given: taken as µm)"
+        else:
+            pixel_source = "NGFF scale has no unit"
+    else:
+        factor = unit_to_um(unit)
+        if factor is None:
+            pixel_source = f"NGFF axis unit {unit!r} unknown"
+        elif _plausible(sx * factor):
+            pixel_size, pixel_source = sx * factor, "NGFF coordinateTransformations scale"
+        else:
+            pixel_source = f"NGFF scale {sx} {unit} ignored (implausible)"
+
+    labels: list[str | None] = [None] * n
+    omero = ome.get("omero") or dict(group.attrs).get("omero")
+    if isinstance(omero, dict):
+        chans = omero.get("channels") or []
+        if len(chans) == n:
+            labels = [c.get("label") if isinstance(c, dict) else None for c in chans]
+    return ZarrImage(
+        path=path,
+        levels=levels,
+        channel_names=labels,
+        dtype=np.dtype(arrays[0].dtype),
+        pixel_size_um=pixel_size,
+        pixel_size_source=pixel_source,
+        axes="".join(n[:1] for n in names),
+        version=version,
+        extra={"group": str(group.path or "")},
+    )
