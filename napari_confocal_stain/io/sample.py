@@ -14,8 +14,6 @@ from pathlib import Path
 
 SAMPLE_SIZE = (4096, 4096)
 SAMPLE_SEED = 1
-#: Bump when the generator's output changes so stale caches are not reused.
-SAMPLE_VERSION = 1
 CACHE_ENV = "NAPARI_CONFOCAL_STAIN_CACHE"
 
 
@@ -56,9 +54,10 @@ def sample_slide_path(
     pathlib.Path
         A Vivascope mosaic folder (``DET#1/highres_raw.tif``, ``DET#2/highres_raw.tif``).
     """
-    from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
+    from napari_confocal_stain.io.synthetic import SYNTH_VERSION, write_synthetic_mosaic
 
-    out = cache_dir() / f"sample-v{SAMPLE_VERSION}-{size[0]}x{size[1]}-seed{seed}"
+    # Keyed on the generator's version so a changed generator never reuses a stale sample.
+    out = cache_dir() / f"sample-v{SYNTH_VERSION}-{size[0]}x{size[1]}-seed{seed}"
     if _complete(out):
         return out
     if out.exists():  # left over by an older, interrupted version: start again
