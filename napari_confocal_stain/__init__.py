@@ -19,7 +19,14 @@ _LAZY = {
     "write_synthetic_mosaic": "napari_confocal_stain.io.synthetic",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = [
+    "ConfocalMosaic",
+    "__version__",
+    "find_mosaics",
+    "linear_stain",
+    "open_mosaic",
+    "write_synthetic_mosaic",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_confocal_stain.core.linear_stain import linear_stain

@@ -30,7 +30,9 @@ def _size(text: str) -> tuple[int, int]:
     try:
         nums = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 30000x30000, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"size must look like 30000x30000, got {text!r}"
+        ) from None
     if len(nums) == 1:
         nums = nums * 2
     if len(nums) != 2 or min(nums) < 64:
@@ -41,7 +43,9 @@ def _size(text: str) -> tuple[int, int]:
 def _channels(text: str) -> tuple[str, str]:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"channels must be two names or indices like R,F, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"channels must be two names or indices like R,F, got {text!r}"
+        )
     return parts[0], parts[1]
 
 
@@ -49,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``confocal-stain`` (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(
         prog="confocal-stain",
-        description="Open, inspect and stain ex vivo confocal (reflectance + fluorescence) slides.",
+        description="Open, inspect and stain ex vivo confocal (reflectance + fluorescence) "
+        "slides.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,10 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "streaming (the slide is never held in memory).",
     )
     synth.add_argument("out", type=Path, help="output mosaic folder (must not exist or be empty)")
-    synth.add_argument("--size", type=_size, default=(4096, 4096), help="HxW in px (default 4096x4096)")
+    synth.add_argument(
+        "--size", type=_size, default=(4096, 4096), help="HxW in px (default 4096x4096)"
+    )
     synth.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
     synth.add_argument(
-        "--looks", type=float, default=5, help="speckle looks L of gamma(L, 1/L); 0 disables (default 5)"
+        "--looks",
+        type=float,
+        default=5,
+        help="speckle looks L of gamma(L, 1/L); 0 disables (default 5)",
     )
     synth.add_argument("--dtype", choices=("uint8", "uint16"), default="uint8")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing OUT")

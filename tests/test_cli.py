@@ -30,7 +30,10 @@ def test_info_prints_json(synthetic_slide):
 
 
 def test_info_in_process_with_options(synthetic_slide, capsys):
-    assert main(["info", str(synthetic_slide), "--normalization", "dtype", "--pixel-size", "0.5"]) == 0
+    assert (
+        main(["info", str(synthetic_slide), "--normalization", "dtype", "--pixel-size", "0.5"])
+        == 0
+    )
     info = json.loads(capsys.readouterr().out)
     assert info["pixel_size_um"] == pytest.approx(0.5)
     assert info["normalization"] == "dtype"

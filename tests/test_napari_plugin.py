@@ -57,7 +57,7 @@ def test_reader_claims_mosaics_and_declines_other_files(synthetic_slide, tmp_pat
 def test_reader_layers(synthetic_slide):
     layers = get_reader(str(synthetic_slide))(str(synthetic_slide))
     assert [kind for *_, kind in layers] == ["image", "image"]
-    (r_data, r_kw, _), (f_data, f_kw, _) = layers
+    (r_data, r_kw, _), (_, f_kw, _) = layers
     assert r_kw["multiscale"] and f_kw["multiscale"]
     assert r_kw["scale"] == pytest.approx((0.75, 0.75))
     assert r_kw["metadata"][META_KEY]["role"] == "R"
@@ -149,7 +149,9 @@ def test_widget_without_slide_says_so(make_napari_viewer):
     assert "Open a slide" in widget.status.value
 
 
-def test_bad_slide_gives_one_notification_and_no_layer(make_napari_viewer, tmp_path, notifications):
+def test_bad_slide_gives_one_notification_and_no_layer(
+    make_napari_viewer, tmp_path, notifications
+):
     import tifffile
 
     bad = tmp_path / "mosaic_broken"

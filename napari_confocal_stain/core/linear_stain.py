@@ -215,7 +215,10 @@ def linear_stain(r: Any, f: Any, method: Method = "gareau", **coefficients: Any)
 
 
 def linear_stain_levels(
-    r_levels: Sequence[Any], f_levels: Sequence[Any], method: Method = "gareau", **coefficients: Any
+    r_levels: Sequence[Any],
+    f_levels: Sequence[Any],
+    method: Method = "gareau",
+    **coefficients: Any,
 ) -> list[Any]:
     """Stain every pyramid level of a mosaic (lazily for dask levels).
 
@@ -233,4 +236,6 @@ def linear_stain_levels(
     """
     if len(r_levels) != len(f_levels):
         raise ValueError(f"R has {len(r_levels)} levels but F has {len(f_levels)}")
-    return [linear_stain(r, f, method, **coefficients) for r, f in zip(r_levels, f_levels)]
+    return [
+        linear_stain(r, f, method, **coefficients) for r, f in zip(r_levels, f_levels, strict=True)
+    ]

@@ -160,7 +160,11 @@ class DiskTileCache:
                     overwrite=True,
                 )
                 done = group.create_array(
-                    f"{name}_done", shape=grid, chunks=grid, dtype=bool, fill_value=False,
+                    f"{name}_done",
+                    shape=grid,
+                    chunks=grid,
+                    dtype=bool,
+                    fill_value=False,
                     overwrite=True,
                 )
             self._levels.append((arr, done))
@@ -185,7 +189,9 @@ class DiskTileCache:
         tile = np.asarray(tile)
         expected = (ys.stop - ys.start, xs.stop - xs.start, arr.shape[2])
         if tile.shape != expected:
-            raise ValueError(f"tile ({level}, {ty}, {tx}) has shape {tile.shape}, expected {expected}")
+            raise ValueError(
+                f"tile ({level}, {ty}, {tx}) has shape {tile.shape}, expected {expected}"
+            )
         arr[ys, xs] = tile.astype(self.dtype, copy=False)
         # The done grid is one small chunk: serialise its read-modify-write.
         with self._lock:

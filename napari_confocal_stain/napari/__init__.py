@@ -1,1 +1,1 @@
-"""The thin napari shell: reader, widgets, sample data. The only package that imports napari or Qt."""
+"""The thin napari shell (reader, widgets, sample data): the only package importing napari/Qt."""

@@ -60,7 +60,7 @@ class _Vector(Container):
     def __init__(self, label: str, value: Sequence[float], maximum: float, tooltip: str) -> None:
         self._boxes = [
             FloatSpinBox(value=v, min=0.0, max=maximum, step=0.01, tooltip=f"{tooltip} ({c})")
-            for v, c in zip(value, "RGB")
+            for v, c in zip(value, "RGB", strict=True)
         ]
         super().__init__(widgets=self._boxes, layout="horizontal", label=label, labels=False)
         self.margins = (0, 0, 0, 0)
@@ -71,7 +71,7 @@ class _Vector(Container):
 
     @vector.setter
     def vector(self, value: Sequence[float]) -> None:
-        for box, v in zip(self._boxes, value):
+        for box, v in zip(self._boxes, value, strict=True):
             box.value = float(v)
 
 
@@ -91,7 +91,8 @@ class LinearStainWidget(Container):
             label="Method",
             choices=[(lbl, key) for key, lbl in METHOD_LABELS.items()],
             value="gareau",
-            tooltip="Gareau: 1 − F·(1 − H) − R·(1 − E). Beer–Lambert: exp(−β_F k_F F − β_R k_R R).",
+            tooltip="Gareau: 1 − F·(1 − H) − R·(1 − E). "
+            "Beer–Lambert: exp(−β_F k_F F − β_R k_R R).",
         )
         self.h = _Vector("Hematoxylin H", GAREAU_DEFAULTS["h"], 1.0, "colour of nuclei")
         self.e = _Vector("Eosin E", GAREAU_DEFAULTS["e"], 1.0, "colour of cytoplasm/collagen")
@@ -125,7 +126,15 @@ class LinearStainWidget(Container):
         self.apply_button.changed.connect(self.apply)
         self.reset_button.changed.connect(self.reset)
         self.method.changed.connect(self._show_method_params)
-        for w in (self.method, self.h, self.e, self.beta_nuclear, self.beta_cyto, self.k_f, self.k_r):
+        for w in (
+            self.method,
+            self.h,
+            self.e,
+            self.beta_nuclear,
+            self.beta_cyto,
+            self.k_f,
+            self.k_r,
+        ):
             w.changed.connect(self._on_param_changed)
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
@@ -238,8 +247,11 @@ class ConfocalStainWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer = viewer
         self.sample_button = PushButton(text="Open the sample slide")
-        self.path = FileEdit(label="Slide", mode="d", tooltip="A Vivascope mosaic folder, "
-                             "an OME-Zarr, or a folder with *_R.tif / *_F.tif")
+        self.path = FileEdit(
+            label="Slide",
+            mode="d",
+            tooltip="A Vivascope mosaic folder, an OME-Zarr, or a folder with *_R.tif / *_F.tif",
+        )
         self.open_button = PushButton(text="Open slide")
         self.stain_on_open = CheckBox(text="Show the linear stain when a slide opens", value=True)
         self.info = Label(value="No slide open.")
@@ -335,4 +347,3 @@ class ConfocalStainWidget(Container):
 
         self.info.value = f"Sample slide failed: {exc}"
         show_error(f"Could not prepare the sample slide: {exc}")
-
