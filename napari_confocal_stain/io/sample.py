@@ -57,7 +57,9 @@ def sample_slide_path(
     from napari_confocal_stain.io.synthetic import SYNTH_VERSION, write_synthetic_mosaic
 
     # Keyed on the generator's version so a changed generator never reuses a stale sample.
-    out = cache_dir() / f"sample-v{SYNTH_VERSION}-{size[0]}x{size[1]}-seed{seed}"
+    # The last folder name becomes the slide's name in napari, so keep it readable.
+    version = f"v{SYNTH_VERSION}-{size[0]}x{size[1]}-seed{seed}"
+    out = cache_dir() / "samples" / version / "synthetic-skin"
     if _complete(out):
         return out
     if out.exists():  # left over by an older, interrupted version: start again

@@ -39,6 +39,14 @@ PLUGIN = "napari-confocal-stain"
 METHOD_LABELS = {"gareau": "Gareau (affine)", "beer-lambert": "Beer–Lambert (Giacomelli)"}
 
 
+PANEL_WIDTH = 440
+
+
+def _wrap(label: Label) -> None:
+    """Let a status label wrap instead of widening the dock."""
+    label.native.setWordWrap(True)
+
+
 def _meta(layer: Any) -> dict:
     return layer.metadata.get(META_KEY, {}) if hasattr(layer, "metadata") else {}
 
@@ -64,6 +72,8 @@ class _Vector(Container):
         ]
         super().__init__(widgets=self._boxes, layout="horizontal", label=label, labels=False)
         self.margins = (0, 0, 0, 0)
+        for box in self._boxes:
+            box.min_width = 60  # three in a row must fit a narrow dock
 
     @property
     def vector(self) -> tuple[float, float, float]:
@@ -122,6 +132,7 @@ class LinearStainWidget(Container):
             ],
             labels=True,
         )
+        _wrap(self.status)
         self._show_method_params()
         self.apply_button.changed.connect(self.apply)
         self.reset_button.changed.connect(self.reset)
@@ -270,6 +281,8 @@ class ConfocalStainWidget(Container):
             ],
             labels=False,
         )
+        _wrap(self.info)
+        self.max_width = PANEL_WIDTH  # leave the canvas most of the window
         self.sample_button.changed.connect(self.open_sample)
         self.open_button.changed.connect(lambda *_: self.open_path(self.path.value))
         viewer.layers.events.inserted.connect(self._on_layers_changed)
