@@ -88,7 +88,9 @@ def test_crop_equals_explicit_definition(he, unet) -> None:
     for y in range(0, 64, n // 2):  # output square [y, y + N/2) comes from the window at y − N/4
         for x in range(0, 64, n // 2):
             full = _model_rgb(unet, padded[y : y + n, x : x + n])
-            expected[y : y + n // 2, x : x + n // 2] = full[n // 4 : 3 * n // 4, n // 4 : 3 * n // 4]
+            expected[y : y + n // 2, x : x + n // 2] = full[
+                n // 4 : 3 * n // 4, n // 4 : 3 * n // 4
+            ]
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
@@ -119,7 +121,9 @@ def test_pyramid_equals_slow_bel_et_al(he, unet, strategy) -> None:
 # Any H × W, no degraded border
 
 
-@pytest.mark.parametrize("strategy", ["seamless", "independent", "crop", "pyramid", "pyramid-flat"])
+@pytest.mark.parametrize(
+    "strategy", ["seamless", "independent", "crop", "pyramid", "pyramid-flat"]
+)
 @pytest.mark.parametrize("shape", [(19, 45), (3, 5), (70, 33)])
 def test_any_shape(he, unet, strategy, shape) -> None:
     img = he[200 : 200 + shape[0], 500 : 500 + shape[1]]

@@ -222,6 +222,8 @@ def _write_atomic(path: Path, blob: bytes) -> None:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; a checkpoint is meant to be shared like any other file.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -567,7 +569,7 @@ def load_model(
     model.load_state_dict(state, strict=True)
 
     meta = {**meta, "kwargs": dict(model.config), "path": str(path)}
-    if meta.get("save_checkpoint: normalization") is None:
+    if meta.get("normalization") is None:
         meta["normalization"] = dict(spec.normalization)
     target = select_device(device, fallback=fallback)
     model.to(device=target, dtype=_resolve_dtype(dtype))
