@@ -428,9 +428,13 @@ class ChunkedConvTranspose2d(nn.Module):
             return c(x, output_size)
         ho = (n - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
         y_full_w = c.weight.shape[1] * c.groups
-        wo = (x.shape[-1] - 1) * c.stride[1] - 2 * c.padding[1] + c.dilation[1] * (
-            c.kernel_size[1] - 1
-        ) + opw + 1
+        wo = (
+            (x.shape[-1] - 1) * c.stride[1]
+            - 2 * c.padding[1]
+            + c.dilation[1] * (c.kernel_size[1] - 1)
+            + opw
+            + 1
+        )
         if ho * wo <= 2 * self.chunk_pixels:
             return c(x)
         out = x.new_empty((x.shape[0], y_full_w, ho, wo))
