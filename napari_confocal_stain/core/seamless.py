@@ -25,12 +25,17 @@ What this module does instead (model-agnostic)
        next layer runs, and convolutions see real neighbours instead of padding at tile edges.
        Unlike KIN (a statistics pass, then a normalisation pass: about 2× the work), this is
        1× the model's work.
-    3. **Cache-sized convolutions.** On the CPU one huge convolution is much slower per pixel
-       than the same convolution on a 512² tile (the transposed convolutions' column buffers
-       stop fitting in cache; measured ≈ 1.7× slower for a 2048² U-Net pass). The copy's
-       ``Conv2d`` / ``ConvTranspose2d`` therefore run in row bands of about
-       :data:`CHUNK_PIXELS` output pixels, cut with the exact input halo each band needs:
-       the same result as the whole convolution, at tile-like speed.
+    3. **Costs kept at the tile level.** The engine runs this copy channels-last (NHWC), where
+       oneDNN's convolutions and transposed convolutions are faster, for *every* strategy, so
+       ``independent`` gets the same speed-up and the comparison stays fair. The dense norm is
+       written for that layout and is as fast as a plain instance norm: cell statistics by
+       streaming row sums over cache-sized slabs (a single strided reduction, or
+       ``F.instance_norm`` on NHWC, is 3× slower), maps interpolated one lattice interval at
+       a time. A norm that directly follows a convolution in an ``nn.Sequential`` normalises
+       in place; on the CPU the largest remaining overhead of a whole-region pass over tiles
+       is page-faulting fresh memory for its larger activations, so every avoided allocation
+       counts. Measured on the 2-core benchmark machine, 2048² U-Net base 64 (bench/tiling.py):
+       the whole-region pass takes 1.05–1.15× the wall time of 16 independent 512² tiles.
     4. **Blocks for memory.** Regions larger than the memory budget are split into blocks cut
        on the tile grid, each read with a context ``margin`` and cross-faded linearly with its
        neighbour over ``margin`` pixels. Work is ``(core + 2·margin) / core`` per split axis,
@@ -38,12 +43,15 @@ What this module does instead (model-agnostic)
 
 With one block the result is exactly the model with dense instance norm on the reflect-padded
 region, and if the region is no larger than a tile it is the original model's single pass.
-Because the output no longer depends on the tile grid (only on the fine lattice, anchored at
-``origin``), regions computed separately with enough context agree where they overlap.
+The output depends on the tile grid only through the fine lattice (anchored at ``origin``), so
+regions computed separately on a shared lattice differ only through what each saw as context
+near its borders; callers stitching regions should give them context (a tile is ample: the
+influence of far context decays) and cross-fade, as :func:`plan_blocks` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
@@ -53,16 +61,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from napari_confocal_stain.core.tiling import (
     crossfade_blocks,
     round_up,
 )
-
-CHUNK_PIXELS = 128 * 1024
-"""Output pixels per convolution band in the region pass (≈ a 362² tile)."""
 
 SUBDIVISIONS = 8
 """Default lattice cells per tile (``K``) of the dense instance norm."""
@@ -124,16 +128,22 @@ class DenseInstanceNorm2d(nn.Module):
     centres), shifted inward where it would leave the region, so a region no larger than a tile
     is normalised exactly like the plain instance norm of a single pass. Each pixel uses the
     affine maps ``a = γ/σ``, ``b = β − γμ/σ`` interpolated between the lattice points around it:
-    bilinear along rows, and along columns sampled once per band of :data:`SUB_BAND` input
-    pixels (the maps change by ~1/16 of a cell-to-cell difference per band, far below any
-    visible step, and the band structure cuts the memory traffic of the maps by that factor).
+    exactly linear along the width, and along the height evaluated once per band of
+    :data:`SUB_BAND` input rows (per band the maps move by band/cell of a cell-to-cell
+    difference, 1/16 at N = 512, far below any visible step, and the band structure cuts the
+    memory traffic of the maps by that factor).
     ``K = 1`` is KIN / Dense Normalization (per-tile statistics between tile centres); larger
     ``K`` removes the tile-periodic structure: with ``K = 8`` every pixel is normalised by
     (nearly) the tile centred on it.
 
-    Cell statistics are sums and sums of squares (one fast pass); where a cell is so uniform
-    that float32 cancellation could matter, they are recomputed about the cell means. Cells are
-    merged into windows in float64 where the device has it.
+    Cell statistics are sums and sums of squares (one fast pass); where a window is so uniform
+    that float32 cancellation could move its variance by more than 0.1 %, the layer's cells are
+    recomputed about their means. Cells are merged into windows in float64 where the device
+    has it.
+
+    Without a grid it is a plain instance norm (computed the same way, so it is fast on
+    channels-last tensors too, where ``F.instance_norm`` is ~3× slower). Inference only: it
+    runs without autograd.
 
     Parameters
     ----------
@@ -141,12 +151,17 @@ class DenseInstanceNorm2d(nn.Module):
         The ``nn.InstanceNorm2d`` it replaces (its ``eps`` and, if affine, its ``weight`` and
         ``bias`` *tensors* are shared, not copied).
     holder
-        Where :meth:`SeamlessModel.grid` puts the current grid. Without a grid the layer is a
-        plain instance norm over the whole input.
+        Where :meth:`SeamlessModel.grid` puts the current grid.
+    in_place
+        Write the result into the input tensor (only where nothing else holds it; see
+        :func:`make_seamless`).
     """
 
-    def __init__(self, norm: nn.InstanceNorm2d, holder: _GridHolder) -> None:
+    def __init__(
+        self, norm: nn.InstanceNorm2d, holder: _GridHolder, *, in_place: bool = False
+    ) -> None:
         super().__init__()
+        self.in_place = bool(in_place)
         self.eps = float(norm.eps)
         self.weight = norm.weight if norm.affine else None
         self.bias = norm.bias if norm.affine else None
@@ -180,7 +195,7 @@ class DenseInstanceNorm2d(nn.Module):
                     torch.as_tensor(wx, dtype=fdt, device=dev),
                 ),
                 "uniform": bool((wy == wy[:1]).all()) and bool((wx == wx[:1]).all()),
-                "ty": torch.as_tensor(_interp_rows(rows, cy), dtype=torch.float32, device=dev),
+                "intervals": _intervals(rows, cy, dev),
                 "axt": torch.as_tensor(
                     _interp_rows(np.arange(w, dtype=np.float64), cx).T.copy(),
                     dtype=torch.float32,
@@ -193,45 +208,93 @@ class DenseInstanceNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"DenseInstanceNorm2d expects (B, C, H, W), got {tuple(x.shape)}")
-        if self._holder.grid is None:
-            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        # Inference only (it writes into preallocated outputs); its small statistics matmuls
+        # stay in float32/64 under autocast, only the normalised output takes x's dtype.
+        with torch.no_grad(), _no_autocast(x.device):
+            return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         b_, c_, h, w = x.shape
-        lat = self._lattice(h, w, x.device)
+        nhwc = c_ > 1 and x.is_contiguous(memory_format=torch.channels_last)
+        if self._holder.grid is None:  # plain instance norm (any memory layout)
+            lat = _whole(h, w, x.device)
+        else:
+            lat = self._lattice(h, w, x.device)
         ey, ex = lat["edges"]
         py, px = lat["windows"]
         fdt = py.dtype
-        n, s1, m2 = (t.to(fdt) for t in _cell_stats(x, ey, ex, self.eps))
-        # Window statistics: sums over each window's cells (separable 0/1 matrices), merged
-        # with the parallel-variance formula about a per-channel shift (no cancellation).
-        mean_c = s1 / n
-        ref = s1.sum(dim=(-2, -1), keepdim=True) / n.sum()
-        d = mean_c - ref
-        nw = py @ n @ px.T
-        mu = _window_sum(n * d, py, px) / nw
-        var = (_window_sum(m2 + n * d * d, py, px) / nw - mu * mu).clamp_min(0.0)
+        n, s1, m2, sq = (t.to(fdt) for t in _cell_stats(x, ey, ex, exact=False, nhwc=nhwc))
+        mu, var, nw = _window_stats(n, s1, m2, py, px)
+        # Σx² − (Σx)²/n in float32 is off by ~1e-7·Σx² per cell; where that could move a
+        # window's variance by more than 0.1 % (near-uniform windows: background), redo the
+        # cells about their own means (one more pass, only for such layers).
+        err = _F32_SUM_ERROR * _window_sum(sq, py, px) / nw
+        if bool((err > 1e-3 * (var + self.eps)).any()):
+            n, s1, m2, _ = (
+                t.to(fdt) for t in _cell_stats(x, ey, ex, exact=True, nhwc=nhwc)
+            )  # fmt: skip
+            mu, var, nw = _window_stats(n, s1, m2, py, px)
         a = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             a = a * self.weight.to(fdt).view(1, -1, 1, 1)
-        bb = -(mu + ref) * a
+        bb = -mu * a
         if self.bias is not None:
             bb = bb + self.bias.to(fdt).view(1, -1, 1, 1)
         if lat["uniform"]:  # every window is the whole region: plain instance norm
-            a, bb = a[..., :1, :1], bb[..., :1, :1]
-            return torch.addcmul(bb.to(x.dtype), x, a.to(x.dtype))
-        ab = torch.cat([a, bb], dim=1).float()
+            a, bb = a[..., :1, :1].to(x.dtype), bb[..., :1, :1].to(x.dtype)
+            out = x if self.in_place else torch.empty_like(x)  # keeps the memory layout
+            return torch.addcmul(bb, x, a, out=out)
         band = lat["band"]
-        rows = ab @ lat["axt"]  # (B, 2C, points_y, w): one mm (batch folded)
-        npy = rows.shape[-2]
-        rows = rows.permute(2, 0, 1, 3).reshape(npy, -1)  # (points_y, B·2C·w)
-        maps = (lat["ty"] @ rows).to(x.dtype)  # one mm, then viewed as (B, 2C, h/band, w)
-        maps = maps.view(-1, b_, 2 * c_, w).permute(1, 2, 0, 3)
-        shape = (b_, c_, h // band, band, w)
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-        torch.addcmul(maps[:, c_:, :, None], x.reshape(shape), maps[:, :c_, :, None], out=out)
+        # Interpolate along the width once per lattice row, then, per lattice interval, lerp
+        # between its two rows for the sub-bands it spans and normalise them (maps stay small:
+        # one interval of rows, recycled from the heap; one large op per interval).
+        axt = lat["axt"]
+        if nhwc:
+            ra = (a.float() @ axt).permute(2, 0, 3, 1).contiguous()  # (points_y, B, w, C)
+            rb = (bb.float() @ axt).permute(2, 0, 3, 1).contiguous()
+            xv = x.permute(0, 2, 3, 1).reshape(b_, h // band, band, w, c_)
+            out = xv if self.in_place else torch.empty_like(xv)
+        else:
+            ra = (a.float() @ axt).permute(2, 0, 1, 3).contiguous()  # (points_y, B, C, w)
+            rb = (bb.float() @ axt).permute(2, 0, 1, 3).contiguous()
+            xv = x.reshape(b_, c_, h // band, band, w)
+            out = xv if self.in_place else torch.empty_like(xv)
+        for i, r0, r1, t in lat["intervals"]:
+            ma = torch.lerp(ra[i], ra[i + 1], t).to(x.dtype)  # (rows, B, …)
+            mb = torch.lerp(rb[i], rb[i + 1], t).to(x.dtype)
+            if nhwc:  # (rows, B, w, C) → (B, rows, 1, w, C)
+                ma, mb = ma.permute(1, 0, 2, 3)[:, :, None], mb.permute(1, 0, 2, 3)[:, :, None]
+                torch.addcmul(mb, xv[:, r0:r1], ma, out=out[:, r0:r1])
+            else:  # (rows, B, C, w) → (B, C, rows, 1, w)
+                ma, mb = (
+                    ma.permute(1, 2, 0, 3)[:, :, :, None],
+                    mb.permute(1, 2, 0, 3)[:, :, :, None],
+                )
+                torch.addcmul(mb, xv[:, :, r0:r1], ma, out=out[:, :, r0:r1])
+        if nhwc:
+            return out.view(b_, h, w, c_).permute(0, 3, 1, 2)
         return out.view(b_, c_, h, w)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, affine={self.weight is not None}"
+
+
+def _no_autocast(dev: torch.device):
+    """Disable autocast on ``dev`` (a no-op context where autocast does not exist)."""
+    if torch.amp.is_autocast_available(dev.type):
+        return torch.autocast(dev.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _whole(h: int, w: int, dev: torch.device) -> dict:
+    """The lattice of a plain instance norm: one cell, one window, the whole input."""
+    fdt = torch.float32 if dev.type == "mps" else torch.float64
+    one = torch.ones((1, 1), dtype=fdt, device=dev)
+    return {
+        "edges": (np.array([0, h]), np.array([0, w])),
+        "windows": (one, one),
+        "uniform": True,
+    }
 
 
 def _window_sum(t: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
@@ -240,6 +303,29 @@ def _window_sum(t: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Te
     t = (t.reshape(-1, nx) @ px.T).reshape(b_ * c_, ny, -1)  # rows: one mm
     t = py @ t.transpose(0, 1).reshape(ny, -1)  # columns: one mm
     return t.reshape(py.shape[0], b_, c_, -1).permute(1, 2, 0, 3)
+
+
+def _intervals(
+    rows: np.ndarray, centres: np.ndarray, dev: torch.device
+) -> list[tuple[int, int, int, torch.Tensor]]:
+    """Group map rows by the pair of lattice points they interpolate between.
+
+    Returns ``(i, r0, r1, t)``: rows ``r0:r1`` lie between points ``i`` and ``i + 1`` with
+    weights ``t`` (``(r1 − r0, 1, 1, 1)``) on point ``i + 1`` (clamped outside the points).
+    """
+    n = len(centres)
+    if n == 1:
+        return [(0, 0, len(rows), torch.zeros((len(rows), 1, 1, 1), device=dev))]
+    i = np.clip(np.searchsorted(centres, rows, side="right") - 1, 0, n - 2)
+    t = np.clip((rows - centres[i]) / (centres[i + 1] - centres[i]), 0.0, 1.0)
+    out = []
+    start = 0
+    for k in range(1, len(rows) + 1):
+        if k == len(rows) or i[k] != i[start]:
+            tt = torch.as_tensor(t[start:k], dtype=torch.float32, device=dev).view(-1, 1, 1, 1)
+            out.append((int(i[start]), start, k, tt))
+            start = k
+    return out
 
 
 def _interp_rows(p: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -307,167 +393,114 @@ def _pieces(edges: np.ndarray) -> list[tuple[int, int, int, int]]:
     return out
 
 
+_SLAB_BYTES = 8 << 20
+"""Largest temporary of squares while gathering cell statistics (cache-sized)."""
+
 _F32_SUM_ERROR = 1e-6
 """Relative error bound of a float32 sum of squares over one cell (with margin)."""
 
 
-def _cell_stats(
-    x: torch.Tensor, ey: np.ndarray, ex: np.ndarray, eps: float
+def _window_stats(
+    n: torch.Tensor, s1: torch.Tensor, m2: torch.Tensor, py: torch.Tensor, px: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixel count, sum and sum of squared deviations of every cell: (B, C, ny, nx) each.
+    """Mean, variance and count of every lattice window from cell counts, sums and M2.
 
-    Sums of ``x`` and of ``x²`` are one fast pass (reductions along the contiguous row first;
-    ``vector_norm`` squares without a temporary). ``M2 = Σx² − (Σx)²/n`` loses precision when a
-    cell's mean is large against its spread; those pieces are recomputed about their means.
+    Parallel-variance merge about a per-channel shift, so no large numbers cancel.
+    """
+    mean_c = s1 / n
+    ref = s1.sum(dim=(-2, -1), keepdim=True) / n.sum()
+    d = mean_c - ref
+    nw = py @ n @ px.T
+    mu = _window_sum(n * d, py, px) / nw
+    var = (_window_sum(m2 + n * d * d, py, px) / nw - mu * mu).clamp_min(0.0)
+    return mu + ref, var, nw
+
+
+def _cell_stats(
+    x: torch.Tensor, ey: np.ndarray, ex: np.ndarray, *, exact: bool, nhwc: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count, sum, sum of squared deviations and sum of squares of every cell.
+
+    Returns ``(n (ny, nx), Σx, M2, Σx²)`` with the last three ``(B, C, ny, nx)``, float32.
+    The fast path reads each cell once: ``M2 = Σx² − (Σx)²/n``; ``exact=True`` takes a second
+    pass about each cell's mean. Squares are formed in slabs of at most :data:`_SLAB_BYTES`
+    so the temporary stays in cache (a whole-tensor ``x*x`` or a strided ``vector_norm``
+    is 3–7× slower). ``nhwc`` reads a channels-last tensor in its own layout.
     """
     b_, c_ = x.shape[:2]
     ny, nx = len(ey) - 1, len(ex) - 1
-    s1 = x.new_empty((b_, c_, ny, nx), dtype=torch.float32)
-    m2 = torch.empty_like(s1)
+    s1 = x.new_zeros((b_, c_, ny, nx), dtype=torch.float32)
+    m2 = torch.zeros_like(s1)
+    sq = torch.zeros_like(s1)
     count = torch.empty((ny, nx), dtype=torch.float32, device=x.device)
+    xn = x.permute(0, 2, 3, 1) if nhwc else x  # (B, H, W, C) or (B, C, H, W)
     for iy, y0, my, sy in _pieces(ey):
         for ix, x0, mx, sx in _pieces(ex):
-            view = x[:, :, y0 : y0 + my * sy, x0 : x0 + mx * sx].reshape(b_, c_, my, sy, mx, sx)
-            if view.dtype != torch.float32:
-                view = view.float()
             n = float(sy * sx)
-            t1 = view.sum(dim=5).sum(dim=3)
-            t2 = torch.linalg.vector_norm(view, dim=5).square_().sum(dim=3)
-            dev2 = t2 - t1 * t1 / n
-            if bool((_F32_SUM_ERROR * t2 > 1e-3 * (dev2.clamp_min(0) + n * eps)).any()):
-                mean = (t1 / n)[:, :, :, None, :, None]
-                dev2 = torch.linalg.vector_norm(view - mean, dim=(3, 5)).square_()
-            s1[:, :, iy : iy + my, ix : ix + mx] = t1
-            m2[:, :, iy : iy + my, ix : ix + mx] = dev2
             count[iy : iy + my, ix : ix + mx] = n
-    return count, s1, m2
-
-
-def _spans(n: int, step: int) -> Iterator[tuple[int, int]]:
-    for a in range(0, n, step):
-        yield a, min(a + step, n)
-
-
-def _band_rows(out_rows: int, out_cols: int, channels: int, chunk: int) -> int:
-    """Rows per band: about :data:`CHUNK_PIXELS` output pixels and at most 16 MB of output.
-
-    16 MB keeps each band's temporary output under glibc's largest dynamic mmap threshold, so
-    it is recycled from the heap instead of being page-faulted in afresh for every band.
-    """
-    px = min(chunk, (16 << 20) // (4 * max(channels, 1)))
-    return max(1, min(out_rows, px // max(out_cols, 1)))
-
-
-class ChunkedConv2d(nn.Module):
-    """``nn.Conv2d`` evaluated in row bands of about :data:`CHUNK_PIXELS` output pixels.
-
-    Exact: each band reads the input rows its outputs depend on (zero padding of the first and
-    last band is added to the band only). Shares the conv's parameters.
-    """
-
-    def __init__(self, conv: nn.Conv2d, chunk_pixels: int = CHUNK_PIXELS) -> None:
-        super().__init__()
-        self.conv = conv
-        self.chunk_pixels = int(chunk_pixels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        if isinstance(c.padding, str) or (c.padding_mode != "zeros" and any(c.padding)):
-            return c(x)  # "same"/"valid" strings or non-zero padding modes: leave to torch
-        ph, pw = c.padding
-        kh, kw = c.kernel_size
-        sh, sw = c.stride
-        dh, dw = c.dilation
-        h, w = x.shape[-2:]
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if ho * wo <= 2 * self.chunk_pixels or ho < 2:
-            return c(x)
-        out = x.new_empty((x.shape[0], c.out_channels, ho, wo))
-        rows = _band_rows(ho, wo, c.out_channels, self.chunk_pixels)
-        for r0, r1 in _spans(ho, rows):
-            top = r0 * sh - ph  # first input row (may be negative: zero padding)
-            bottom = (r1 - 1) * sh + dh * (kh - 1) + 1 - ph
-            start, stop = min(max(top, 0), h), min(max(bottom, 0), h)
-            if stop <= start:  # the band's inputs are all zero padding
-                xi = x.new_zeros((*x.shape[:2], bottom - top, w))
-            else:
-                xi = x[:, :, start:stop]
-                if start - top or bottom - stop:
-                    xi = F.pad(xi, (0, 0, start - top, bottom - stop))
-            out[:, :, r0:r1] = F.conv2d(
-                xi, c.weight, c.bias, c.stride, (0, pw), c.dilation, c.groups
-            )
-        return out
-
-
-class ChunkedConvTranspose2d(nn.Module):
-    """``nn.ConvTranspose2d`` evaluated in row bands (exact; shares the parameters).
-
-    Output row ``g`` is un-cropped row ``f = g + p``, which input row ``i`` reaches through tap
-    ``t`` when ``f = i·s + t·d``. A band of output rows ``[g0, g1)`` is therefore complete once
-    the input rows ``⌊(g0 + p − d(k−1))/s⌋ … ⌊(g1 − 1 + p)/s⌋`` are in the band; the band is
-    run with the layer's own padding (odd-sized un-padded calls are several times slower in
-    oneDNN) and its rows are cut out at ``g − a·s``.
-    """
-
-    def __init__(self, conv: nn.ConvTranspose2d, chunk_pixels: int = CHUNK_PIXELS) -> None:
-        super().__init__()
-        self.conv = conv
-        self.chunk_pixels = int(chunk_pixels)
-
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        c = self.conv
-        kh, _ = c.kernel_size
-        sh, _ = c.stride
-        dh, _ = c.dilation
-        ph, _ = c.padding
-        oph, opw = c.output_padding
-        n = x.shape[-2]
-        if output_size is not None or c.padding_mode != "zeros" or ph > dh * (kh - 1) or n < 4:
-            return c(x, output_size)
-        ho = (n - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
-        y_full_w = c.weight.shape[1] * c.groups
-        wo = (
-            (x.shape[-1] - 1) * c.stride[1]
-            - 2 * c.padding[1]
-            + c.dilation[1] * (c.kernel_size[1] - 1)
-            + opw
-            + 1
-        )
-        if ho * wo <= 2 * self.chunk_pixels:
-            return c(x)
-        out = x.new_empty((x.shape[0], y_full_w, ho, wo))
-        rows = max(sh, _band_rows(ho, wo, y_full_w, self.chunk_pixels) // sh * sh)
-        for g0, g1 in _spans(ho, rows):
-            a = min(max((g0 + ph - dh * (kh - 1)) // sh, 0), n)
-            b = min(max((g1 - 1 + ph) // sh + 2, 0), n)
-            last = b == n
-            y = F.conv_transpose2d(
-                x[:, :, a:b], c.weight, c.bias, c.stride, c.padding,
-                (oph if last else 0, opw), c.groups, c.dilation,
-            )  # fmt: skip
-            j0, j1 = g0 - a * sh, g1 - a * sh
-            if j0 < 0 or j1 > y.shape[-2]:  # an unusual geometry: do it in one piece
-                return c(x)
-            out[:, :, g0:g1] = y[:, :, j0:j1]
-        return out
+            row_bytes = 4 * b_ * c_ * mx * sx
+            slab = max(1, min(sy, _SLAB_BYTES // max(row_bytes, 1)))
+            for j in range(my):
+                top = y0 + j * sy
+                acc1 = acc2 = dev2 = None
+                mean = None
+                for exact_pass in (False, True) if exact else (False,):
+                    for r0 in range(0, sy, slab):
+                        r1 = min(sy, r0 + slab)
+                        # Sum the slab's rows first (a streaming add of contiguous rows),
+                        # then the few columns of each cell: 3× faster than one reduction.
+                        if nhwc:  # (B, rows, W', C) → (B, W', C) → (B, mx, C)
+                            t = xn[:, top + r0 : top + r1, x0 : x0 + mx * sx].float()
+                            rows_dim, split = 1, (b_, mx, sx, c_)
+                            if exact_pass:
+                                t = t - mean.repeat_interleave(sx, dim=1)[:, None]
+                        else:  # (B, C, rows, W') → (B, C, W') → (B, C, mx)
+                            t = xn[:, :, top + r0 : top + r1, x0 : x0 + mx * sx].float()
+                            rows_dim, split = 2, (b_, c_, mx, sx)
+                            if exact_pass:
+                                t = t - mean.repeat_interleave(sx, dim=2)[:, :, None]
+                        col = 2 if nhwc else 3
+                        p2 = (t * t).sum(dim=rows_dim).view(split).sum(dim=col)
+                        if exact_pass:
+                            dev2 = p2 if dev2 is None else dev2 + p2
+                            continue
+                        p1 = t.sum(dim=rows_dim).view(split).sum(dim=col)
+                        acc1 = p1 if acc1 is None else acc1 + p1
+                        acc2 = p2 if acc2 is None else acc2 + p2
+                    if not exact_pass:
+                        assert acc1 is not None and acc2 is not None
+                        mean = acc1 / n
+                if dev2 is None:
+                    dev2 = (acc2 - acc1 * acc1 / n).clamp_min_(0.0)
+                if nhwc:  # (B, mx, C) → (B, C, mx)
+                    acc1, acc2, dev2 = (v.permute(0, 2, 1) for v in (acc1, acc2, dev2))
+                s1[:, :, iy + j, ix : ix + mx] = acc1
+                sq[:, :, iy + j, ix : ix + mx] = acc2
+                m2[:, :, iy + j, ix : ix + mx] = dev2
+    return count, s1, m2, sq
 
 
 def _replace(module: nn.Module, holder: _GridHolder) -> int:
-    """Swap norms and convolutions of ``module`` in place; return the number of dense norms."""
+    """Swap the instance norms of ``module`` in place; return how many were swapped.
+
+    A norm that directly follows a convolution inside a plain ``nn.Sequential`` normalises in
+    place: the convolution's output is referenced by nothing else (the Sequential passes it
+    on and drops it), and writing into it saves one activation-sized allocation per norm
+    (fresh pages are the single largest overhead of a whole-region pass on the CPU).
+    """
     count = 0
+    previous: nn.Module | None = None
     for name, child in module.named_children():
-        kind = type(child)
-        if kind is nn.InstanceNorm2d and not child.track_running_stats:
-            setattr(module, name, DenseInstanceNorm2d(child, holder))
+        if type(child) is nn.InstanceNorm2d and not child.track_running_stats:
+            in_place = type(module) is nn.Sequential and type(previous) in (
+                nn.Conv2d,
+                nn.ConvTranspose2d,
+            )
+            setattr(module, name, DenseInstanceNorm2d(child, holder, in_place=in_place))
             count += 1
-        elif kind is nn.Conv2d:
-            setattr(module, name, ChunkedConv2d(child))
-        elif kind is nn.ConvTranspose2d:
-            setattr(module, name, ChunkedConvTranspose2d(child))
         else:
             count += _replace(child, holder)
+        previous = child
     return count
 
 
@@ -503,16 +536,19 @@ class SeamlessModel(nn.Module):
 
 
 def make_seamless(model: nn.Module) -> SeamlessModel:
-    """Copy ``model`` for region passes: dense instance norms and cache-sized convolutions.
+    """Copy ``model`` for the engine: every instance norm becomes a :class:`DenseInstanceNorm2d`.
 
     The copy shares the original's parameter and buffer tensors (no weights are duplicated,
-    and later in-place updates of the original are seen); only module objects are new.
+    and later in-place updates of the original are seen); only module objects are new. Norms
+    that directly follow a convolution in a plain ``nn.Sequential`` work in place (its output
+    has no other reference there). Without a grid (:meth:`SeamlessModel.grid`) the copy
+    computes exactly what the model does, up to float rounding.
 
     Parameters
     ----------
     model
-        Any ``nn.Module`` built from standard layers; subclasses of Conv2d / InstanceNorm2d with
-        their own ``forward`` are left untouched.
+        Any ``nn.Module``; instance norms with running statistics and subclasses of
+        ``nn.InstanceNorm2d`` are left untouched.
 
     Returns
     -------
