@@ -14,7 +14,6 @@ import csv
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from napari_confocal_stain.errors import CheckpointError
+from napari_confocal_stain.io.atomic import write_atomic
 
 __all__ = [
     "CONFIG_DIR",
@@ -53,24 +53,6 @@ def default_data_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------- files
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:

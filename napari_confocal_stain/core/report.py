@@ -17,12 +17,13 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from napari_confocal_stain.io.atomic import write_atomic as _write_atomic
 
 __all__ = [
     "METRIC_LABELS",
@@ -118,23 +119,6 @@ def format_summary(summary: Mapping[str, Mapping[str, float]]) -> str:
         cells = [f"{int(stats['n']):>8d}"] + [f"{stats[s]:>8.4f}" for s in STATISTICS[1:]]
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
-
-
-def _write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def cells_to_csv(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +37,7 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from napari_confocal_stain.errors import CheckpointError
+from napari_confocal_stain.io.atomic import write_atomic as _write_atomic
 from napari_confocal_stain.models.device import select_device
 from napari_confocal_stain.models.registry import (
     architecture_of,
@@ -211,23 +211,6 @@ def save_checkpoint(
     blob = _st_save(state, metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
     _write_atomic(path, blob)
     return path
-
-
-def _write_atomic(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; a checkpoint is meant to be shared like any other file.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------- load

@@ -1,0 +1,46 @@
+"""Atomic file writes: a temporary file beside the target, fsync, then rename.
+
+An interrupted write therefore leaves either the old file or the new one, never a
+partial file (the project's rule for every output it writes).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically.
+
+    Parameters
+    ----------
+    path
+        Destination file; its folder is created if missing.
+    data
+        Bytes, or text (encoded as UTF-8).
+    mode
+        Permission bits of the result (``mkstemp`` would leave 0600, which makes
+        shared outputs such as checkpoints unreadable to other users).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
