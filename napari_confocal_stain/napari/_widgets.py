@@ -246,8 +246,8 @@ class LinearStainWidget(Container):
 class ConfocalStainWidget(Container):
     """The plugin's main panel: open a slide (or the sample) and stain it.
 
-    This is the widget ``napari -w napari-confocal-stain`` docks; later tools (GAN
-    stain, compare, heatmaps) join it.
+    This is the widget ``napari -w napari-confocal-stain`` docks: slide, compare (side by
+    side / overlay), and the GAN stain, linear stain and despeckle tools as tabs.
 
     Parameters
     ----------
@@ -267,6 +267,15 @@ class ConfocalStainWidget(Container):
         self.stain_on_open = CheckBox(text="Show the linear stain when a slide opens", value=True)
         self.info = Label(value="No slide open.")
         self.linear = LinearStainWidget(viewer)
+        from napari_confocal_stain.napari._stain_widgets import (
+            CompareWidget,
+            DespeckleWidget,
+            GanStainWidget,
+        )
+
+        self.despeckle = DespeckleWidget(viewer, on_change=lambda: self.gan.despeckle_changed())
+        self.gan = GanStainWidget(viewer, despeckle=self.despeckle)
+        self.compare = CompareWidget(viewer)
         self._auto_stained: set[str] = set()
         super().__init__(
             widgets=[
@@ -276,10 +285,13 @@ class ConfocalStainWidget(Container):
                 self.open_button,
                 self.stain_on_open,
                 self.info,
-                Label(value="<b>Linear stain</b>"),
-                self.linear,
+                Label(value="<b>Compare</b>"),
+                self.compare,
             ],
             labels=False,
+        )
+        self._add_tabs(
+            [("GAN stain", self.gan), ("Linear stain", self.linear), ("Despeckle", self.despeckle)]
         )
         _wrap(self.info)
         self.max_width = PANEL_WIDTH  # leave the canvas most of the window
@@ -289,6 +301,15 @@ class ConfocalStainWidget(Container):
         viewer.layers.events.removed.connect(self._on_layers_changed)
         # Slides opened before the panel (e.g. `napari SLIDE -w napari-confocal-stain`).
         self._on_layers_changed()
+
+    def _add_tabs(self, tabs: list[tuple[str, Container]]) -> None:
+        """The tools as tabs under the slide section (one screen, no long scroll)."""
+        from qtpy.QtWidgets import QTabWidget
+
+        self.tabs = QTabWidget()
+        for title, widget in tabs:
+            self.tabs.addTab(widget.native, title)
+        self.native.layout().addWidget(self.tabs)
 
     def _on_layers_changed(self, *_: Any) -> None:
         self._refresh_info()

@@ -1,0 +1,519 @@
+"""Despeckle, GAN stain and Compare: the interactive part of the main panel.
+
+Each is a magicgui container bound to the viewer. The expensive work happens in
+:class:`~napari_confocal_stain.napari._live.LiveLayer` renderers (a background thread per
+layer, only for what is on screen); loading a model file is done in a ``thread_worker`` so a
+slow disk or a bad file never freezes the viewer. Every failure the user can cause is one
+notification plus the status line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    PushButton,
+    SpinBox,
+)
+
+from napari_confocal_stain.core.tiling import STRATEGIES
+from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings
+from napari_confocal_stain.models.defaults import DEFAULT_DESPECKLE_MODEL, DEFAULT_STAIN_MODEL
+from napari_confocal_stain.napari._layers import META_KEY
+from napari_confocal_stain.napari._live import (
+    DEFAULT_CACHE_MB,
+    LiveLayer,
+    live_layer_name,
+    live_layers,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+FILE_CHOICE = "Checkpoint file…"
+
+STRATEGY_LABELS = {
+    "seamless": "seamless (dense statistics, 1× work)",
+    "independent": "independent tiles (thesis baseline)",
+    "crop": "overlap + crop (4× work)",
+    "pyramid": "pyramid blending (16× work)",
+    "pyramid-flat": "pyramid, flat weights (16× work)",
+}
+
+COMPARE_ROLES = ("R", "F", "despeckled", "linear", "linear-despeckled", "gan")
+"""Panel order of the side-by-side view: raw modes first, then the stains."""
+
+
+def _meta(layer: Any) -> dict:
+    return layer.metadata.get(META_KEY, {}) if hasattr(layer, "metadata") else {}
+
+
+def _slides(viewer: napari.viewer.Viewer) -> list[str]:
+    return sorted({_meta(lyr)["slide"] for lyr in viewer.layers if _meta(lyr).get("role") == "R"})
+
+
+def _mosaic(viewer: napari.viewer.Viewer, slide: str) -> Any:
+    for lyr in viewer.layers:
+        if _meta(lyr).get("role") == "R" and _meta(lyr).get("slide") == slide:
+            return lyr.metadata.get("confocal_mosaic")
+    return None
+
+
+def _chosen_slide(combo: ComboBox, viewer: napari.viewer.Viewer) -> str | None:
+    """The combo's slide, else the only/first open slide (and show it in the combo)."""
+    combo.reset_choices()
+    if combo.value:
+        return str(combo.value)
+    slides = _slides(viewer)
+    if slides:
+        combo.value = slides[0]
+        return slides[0]
+    return None
+
+
+def _r_layer(viewer: napari.viewer.Viewer, slide: str) -> Any:
+    for lyr in viewer.layers:
+        if _meta(lyr).get("role") == "R" and _meta(lyr).get("slide") == slide:
+            return lyr
+    return None
+
+
+def _bundled(prefix: str) -> list[str]:
+    from napari_confocal_stain.models.checkpoint import available_weights
+
+    return [n for n in available_weights() if n.startswith(prefix)]
+
+
+def _tile_cache_dir() -> str:
+    from napari_confocal_stain.io.sample import cache_dir
+
+    return str(cache_dir() / "tiles")
+
+
+def _wrap(label: Label) -> None:
+    label.native.setWordWrap(True)
+
+
+class _ModelChooser(Container):
+    """A bundled model name or a checkpoint file."""
+
+    def __init__(self, label: str, prefix: str, default: str) -> None:
+        names = _bundled(prefix)
+        if default not in names:
+            names.insert(0, default)
+        self.bundled = ComboBox(label=label, choices=[*names, FILE_CHOICE], value=default)
+        self.file = FileEdit(
+            label="File",
+            mode="r",
+            filter="*.safetensors *.pt *.pth",
+            tooltip="A .safetensors checkpoint written by `python -m training …` "
+            "(or a legacy .pt state dict)",
+        )
+        super().__init__(widgets=[self.bundled, self.file], labels=True)
+        self.margins = (0, 0, 0, 0)
+        self.file.visible = False
+        self.bundled.changed.connect(lambda *_: setattr(self.file, "visible", self.is_file))
+
+    @property
+    def is_file(self) -> bool:
+        return self.bundled.value == FILE_CHOICE
+
+    @property
+    def choice(self) -> str | None:
+        """The bundled name or the file path; None if "file" is chosen but empty."""
+        if not self.is_file:
+            return str(self.bundled.value)
+        path = Path(self.file.value) if self.file.value else None
+        return str(path) if path and path.name and path.is_file() else None
+
+
+def _check_model_async(
+    name_or_path: str, device: str, on_ok: Any, on_error: Any, kind: str
+) -> Any:
+    """Load a model in a worker thread (cached for the renderer), then call back."""
+    from napari.qt.threading import thread_worker
+
+    from napari_confocal_stain.engine.pipeline import get_model
+
+    @thread_worker
+    def _load() -> Any:
+        return get_model(name_or_path, device, kind)
+
+    worker = _load()
+    worker.returned.connect(on_ok)
+    worker.errored.connect(on_error)
+    worker.start()
+    return worker
+
+
+class DespeckleWidget(Container):
+    """Despeckle the reflectance with a DespeckleNN (+ 3×3 median) for what is on screen.
+
+    Parameters
+    ----------
+    viewer
+        The napari viewer.
+    on_change
+        Called when the despeckling the stains should use changes.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer, on_change: Any = None) -> None:
+        self._viewer = viewer
+        self._on_change = on_change
+        self.slide = ComboBox(label="Slide", choices=lambda *_: _slides(viewer), nullable=True)
+        self.model = _ModelChooser("Model", "despeckle", DEFAULT_DESPECKLE_MODEL)
+        self.median = CheckBox(text="3×3 median after the network (Combalia)", value=True)
+        self.for_stains = CheckBox(
+            text="Stain from the despeckled reflectance", value=False,
+            tooltip="The GAN stain and a second linear-stain layer use despeckled R",
+        )  # fmt: skip
+        self.run_button = PushButton(text="Despeckle")
+        self.status = Label(value="")
+        super().__init__(
+            widgets=[self.slide, self.model, self.median, self.for_stains, self.run_button,
+                     self.status],
+            labels=True,
+        )  # fmt: skip
+        _wrap(self.status)
+        self.run_button.changed.connect(self.run)
+        self.for_stains.changed.connect(self._stains_changed)
+        self.median.changed.connect(self._params_changed)
+        self.model.bundled.changed.connect(self._params_changed)
+        self.model.file.changed.connect(self._params_changed)
+        viewer.layers.events.inserted.connect(self.reset_choices)
+        viewer.layers.events.removed.connect(self.reset_choices)
+
+    def despeckle_setting(self) -> tuple[str | None, bool]:
+        """``(model or None, median)`` the stains should use."""
+        if not self.for_stains.value:
+            return None, bool(self.median.value)
+        return self.model.choice, bool(self.median.value)
+
+    def _settings(self) -> StainSettings | None:
+        choice = self.model.choice
+        if choice is None:
+            return None
+        return StainSettings(despeckle=choice, median=bool(self.median.value))
+
+    def run(self, *_: Any) -> LiveLayer | None:
+        """Add (or update) the despeckled-R layer of the chosen slide."""
+        slide = _chosen_slide(self.slide, self._viewer)
+        mosaic = _mosaic(self._viewer, slide) if slide else None
+        if mosaic is None:
+            self.status.value = "Open a slide first."
+            return None
+        settings = self._settings()
+        if settings is None:
+            self.status.value = "Choose a checkpoint file (or a bundled model)."
+            return None
+        self.status.value = "Loading the despeckling model…"
+
+        def ok(_model: Any) -> None:
+            self._show(slide, mosaic, settings)
+
+        def failed(exc: BaseException) -> None:
+            from napari.utils.notifications import show_error
+
+            self.status.value = f"Not despeckled: {exc}"
+            show_error(f"Despeckle: {exc}")
+
+        _check_model_async(settings.despeckle, settings.device, ok, failed, "despeckle")
+        return None
+
+    def _show(self, slide: str, mosaic: Any, settings: StainSettings) -> LiveLayer:
+        pipeline = StainPipeline(mosaic, settings, slide_id=str(mosaic.source))
+        live = live_layers(self._viewer, "despeckled-r").get(slide)
+        if live is not None:
+            live.rebind(pipeline)
+        else:
+            r = _r_layer(self._viewer, slide)
+            live = LiveLayer(
+                self._viewer, pipeline, "despeckled-r", slide=slide, role="despeckled",
+                disk_root=_tile_cache_dir(), on_status=self._set_status,
+                layer_kwargs=_geometry(r, live_layer_name(slide, "despeckled"), "gray"),
+            )  # fmt: skip
+        self.status.value = f"{live.layer.name}: computing what is on screen"
+        if self.for_stains.value:
+            self._stains_changed()
+        return live
+
+    def _set_status(self, text: str) -> None:
+        self.status.value = text
+
+    def _params_changed(self, *_: Any) -> None:
+        slide = self.slide.value
+        if slide and slide in live_layers(self._viewer, "despeckled-r"):
+            self.run()
+        elif self.for_stains.value:
+            self._stains_changed()
+
+    def _stains_changed(self, *_: Any) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+
+def _geometry(ref: Any, name: str, colormap: str | None = None) -> dict:
+    """Layer kwargs that place a live layer exactly over the slide's R layer."""
+    kw: dict[str, Any] = {"name": name}
+    if ref is not None:
+        kw.update(
+            scale=tuple(ref.scale),
+            translate=tuple(ref.translate),
+            units=tuple(str(u) for u in ref.units),
+            axis_labels=tuple(ref.axis_labels),
+        )
+    if colormap:
+        kw["colormap"] = colormap
+    return kw
+
+
+class GanStainWidget(Container):
+    """Stain what is on screen with the GAN generator, tile by tile, in the background.
+
+    Parameters
+    ----------
+    viewer
+        The napari viewer.
+    despeckle
+        The panel's despeckle widget (its "stain from despeckled R" choice is followed).
+    """
+
+    def __init__(
+        self, viewer: napari.viewer.Viewer, despeckle: DespeckleWidget | None = None
+    ) -> None:
+        self._viewer = viewer
+        self._despeckle = despeckle
+        self.slide = ComboBox(label="Slide", choices=lambda *_: _slides(viewer), nullable=True)
+        self.model = _ModelChooser("Model", "stain", DEFAULT_STAIN_MODEL)
+        self.strategy = ComboBox(
+            label="Strategy",
+            choices=[(STRATEGY_LABELS.get(s, s), s) for s in STRATEGIES],
+            value="seamless",
+        )
+        self.tile = ComboBox(label="Tile size", choices=[256, 512, 1024], value=512,
+                             tooltip="Statistics tile of the strategy and display tile (px)")  # fmt: skip
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"],
+                               value="auto", tooltip="auto: CUDA, then Apple MPS, then CPU")  # fmt: skip
+        self.precision = ComboBox(
+            label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto",
+            tooltip="auto: bf16/fp16 on GPUs; on the CPU bf16 only where it is faster",
+        )  # fmt: skip
+        self.disk_cache = CheckBox(text="Keep tiles on disk (reopening is instant)", value=True)
+        self.cache_mb = SpinBox(label="Memory (MB)", value=DEFAULT_CACHE_MB, min=64, max=65536,
+                                step=64, tooltip="In-memory tile cache budget")  # fmt: skip
+        self.start_button = PushButton(text="Start")
+        self.stop_button = PushButton(text="Stop")
+        self.status = Label(value="")
+        buttons = Container(widgets=[self.start_button, self.stop_button], layout="horizontal",
+                            labels=False)  # fmt: skip
+        buttons.margins = (0, 0, 0, 0)
+        super().__init__(
+            widgets=[self.slide, self.model, self.strategy, self.tile, self.device,
+                     self.precision, self.disk_cache, self.cache_mb, buttons, self.status],
+            labels=True,
+        )  # fmt: skip
+        _wrap(self.status)
+        self.start_button.changed.connect(self.start)
+        self.stop_button.changed.connect(self.stop)
+        for w in (self.model.bundled, self.model.file, self.strategy, self.tile, self.device,
+                  self.precision):  # fmt: skip
+            w.changed.connect(self._params_changed)
+        viewer.layers.events.inserted.connect(self.reset_choices)
+        viewer.layers.events.removed.connect(self.reset_choices)
+
+    def settings(self) -> StainSettings | None:
+        """The settings the widget shows (None if a file is chosen but missing)."""
+        choice = self.model.choice
+        if choice is None:
+            return None
+        desp, median = (None, True) if self._despeckle is None else (
+            self._despeckle.despeckle_setting())  # fmt: skip
+        return StainSettings(
+            despeckle=desp,
+            median=median,
+            model=choice,
+            strategy=str(self.strategy.value),
+            tile=int(self.tile.value),
+            device=str(self.device.value),
+            precision=str(self.precision.value),
+        )
+
+    def live(self, slide: str | None = None) -> LiveLayer | None:
+        """The GAN live layer of ``slide`` (default: the chosen slide)."""
+        slide = slide or self.slide.value or next(iter(_slides(self._viewer)), None)
+        return live_layers(self._viewer, "gan").get(slide)
+
+    def start(self, *_: Any) -> None:
+        """Start (or resume) staining what is on screen."""
+        slide = _chosen_slide(self.slide, self._viewer)
+        mosaic = _mosaic(self._viewer, slide) if slide else None
+        if mosaic is None:
+            self.status.value = "Open a slide first."
+            return
+        settings = self.settings()
+        if settings is None:
+            self.status.value = "Choose a checkpoint file (or a bundled model)."
+            return
+        from napari_confocal_stain.napari._live import shared_cache
+
+        shared_cache(int(self.cache_mb.value))
+        self.status.value = "Loading the model…"
+        self.start_button.enabled = False
+
+        def ok(_model: Any) -> None:
+            self.start_button.enabled = True
+            self._show(slide, mosaic, settings)
+
+        def failed(exc: BaseException) -> None:
+            from napari.utils.notifications import show_error
+
+            self.start_button.enabled = True
+            self.status.value = f"Not started: {exc}"
+            show_error(f"GAN stain: {exc}")
+
+        _check_model_async(settings.model, settings.device, ok, failed, "stain")
+        if settings.despeckle is not None:
+            _check_model_async(settings.despeckle, settings.device, lambda *_: None,
+                               failed, "despeckle")  # fmt: skip
+
+    def _show(self, slide: str, mosaic: Any, settings: StainSettings) -> LiveLayer:
+        pipeline = StainPipeline(mosaic, settings, slide_id=str(mosaic.source))
+        live = self.live(slide)
+        if live is not None:
+            live.rebind(pipeline)
+            live.pause(False)
+        else:
+            r = _r_layer(self._viewer, slide)
+            live = LiveLayer(
+                self._viewer, pipeline, "gan", slide=slide, role="gan",
+                tile=settings.tile,
+                disk_root=_tile_cache_dir() if self.disk_cache.value else None,
+                cache_mb=int(self.cache_mb.value), on_status=self._set_status,
+                layer_kwargs=_geometry(r, live_layer_name(slide, "gan")),
+            )  # fmt: skip
+        return live
+
+    def stop(self, *_: Any) -> None:
+        """Stop computing tiles (what is done stays on screen; Start resumes)."""
+        live = self.live()
+        if live is not None:
+            live.pause(True)
+            self.status.value = f"Stopped. {live.status_text()}"
+
+    def _set_status(self, text: str) -> None:
+        self.status.value = text
+
+    def _params_changed(self, *_: Any) -> None:
+        # Live update: an existing layer switches to the new settings in place.
+        if self.live() is not None:
+            self.start()
+
+    def despeckle_changed(self) -> None:
+        """Follow the despeckle widget's choice (called by the panel)."""
+        self._params_changed()
+
+
+class CompareWidget(Container):
+    """Side by side (linked pan/zoom) or overlaid: the raw modes and the stains of a slide.
+
+    Parameters
+    ----------
+    viewer
+        The napari viewer.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        self._viewer = viewer
+        self.side_button = PushButton(text="Side by side")
+        self.overlay_button = PushButton(text="Overlay")
+        self.status = Label(value="")
+        row = Container(widgets=[self.side_button, self.overlay_button], layout="horizontal",
+                        labels=False)  # fmt: skip
+        row.margins = (0, 0, 0, 0)
+        super().__init__(widgets=[row, self.status], labels=False)
+        self.margins = (0, 0, 0, 0)
+        _wrap(self.status)
+        self._hidden: list[Any] = []
+        self.side_button.changed.connect(lambda *_: self.side_by_side())
+        self.overlay_button.changed.connect(lambda *_: self.overlay())
+
+    def _slide(self) -> str | None:
+        active = self._viewer.layers.selection.active
+        if active is not None and _meta(active).get("slide"):
+            return _meta(active)["slide"]
+        slides = _slides(self._viewer)
+        return slides[0] if slides else None
+
+    def panels(self, slide: str) -> list[Any]:
+        """The slide's layers in panel order (R, F, despeckled R, linear, GAN)."""
+        by_role: dict[str, Any] = {}
+        for lyr in self._viewer.layers:
+            m = _meta(lyr)
+            if m.get("slide") == slide and m.get("role") in COMPARE_ROLES:
+                by_role.setdefault(m["role"], lyr)
+        return [by_role[r] for r in COMPARE_ROLES if r in by_role]
+
+    def side_by_side(self, slide: str | None = None) -> list[Any]:
+        """One panel per layer, linked pan/zoom (napari grid mode); returns the panels."""
+        slide = slide or self._slide()
+        if slide is None:
+            self.status.value = "Open a slide first."
+            return []
+        panels = self.panels(slide)
+        layers = self._viewer.layers
+        # Layers that are not panels (other slides, heatmaps, points) would get cells too.
+        self._hidden = [lyr for lyr in layers if lyr not in panels and lyr.visible]
+        for lyr in self._hidden:
+            lyr.visible = False
+        for lyr in panels:
+            lyr.visible = True
+            lyr.opacity = 1.0
+            if getattr(lyr, "blending", None) == "additive":
+                lyr.blending = "translucent_no_depth"
+        # napari fills the grid from the bottom of the layer list (hidden layers take no
+        # cell): move the panels to the top in order, so R ends up top-left.
+        for lyr in panels:
+            layers.move(layers.index(lyr), len(layers))
+        grid = self._viewer.canvas.grid
+        grid.stride = 1
+        cols = 3 if len(panels) > 4 else 2
+        grid.shape = (-(-len(panels) // cols), cols)
+        grid.enabled = True
+        self.status.value = (
+            f"{slide}: {len(panels)} panels ({', '.join(_meta(p)['role'] for p in panels)}), "
+            "pan/zoom linked"
+        )
+        return panels
+
+    def overlay(self, slide: str | None = None) -> list[Any]:
+        """Back to one view: stains over the raw modes, the GAN stain on top."""
+        slide = slide or self._slide()
+        self._viewer.canvas.grid.enabled = False
+        for lyr in self._hidden:
+            try:
+                lyr.visible = True
+            except RuntimeError:  # removed meanwhile
+                pass
+        self._hidden = []
+        if slide is None:
+            return []
+        panels = self.panels(slide)
+        layers = self._viewer.layers
+        for lyr in panels:  # R at the bottom … GAN on top
+            layers.move(layers.index(lyr), len(layers))
+        for lyr in panels:
+            role = _meta(lyr)["role"]
+            lyr.visible = role in ("R", "gan") or (
+                role == "linear" and not any(_meta(p)["role"] == "gan" for p in panels)
+            )
+        if any(_meta(p)["role"] == "F" for p in panels):
+            next(p for p in panels if _meta(p)["role"] == "F").blending = "additive"
+        self.status.value = f"{slide}: overlay (toggle layers' visibility to compare)"
+        return panels
