@@ -46,6 +46,7 @@ __all__ = [
     "StainPipeline",
     "StainSettings",
     "get_model",
+    "read_array",
     "to_uint8",
 ]
 
@@ -141,7 +142,7 @@ def get_model(name_or_path: str, device: str = "auto", kind: str = "stain") -> n
     Parameters
     ----------
     name_or_path
-        Bundled weight name (see :func:`~napari_confocal_stain.models.checkpoint.available_weights`)
+        Bundled weight name (see ``models.checkpoint.available_weights``)
         or a ``.safetensors`` / legacy ``.pt`` path.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, …; an absent accelerator falls back to the CPU.
@@ -162,6 +163,19 @@ def get_model(name_or_path: str, device: str = "auto", kind: str = "stain") -> n
             model = load_model(name_or_path, device=device, fallback=True)
             _MODELS[key] = model
     return model
+
+
+def read_array(arr: Any) -> np.ndarray:
+    """A dask (or numpy) slice as float32 numpy, safe to call from a worker thread.
+
+    ``callbacks=()`` keeps dask from using (and, while computing, swapping out) the global
+    callbacks: napari registers its dask cache globally while it slices on the main thread,
+    and that cache's bookkeeping is not thread-safe (a concurrent compute fails with a
+    ``KeyError`` in ``dask.cache``).
+    """
+    if hasattr(arr, "dask"):
+        arr = arr.compute(callbacks=())
+    return np.asarray(arr, dtype=np.float32)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -238,9 +252,9 @@ class StainPipeline:
     def raw(self, level: int, box: Box) -> tuple[np.ndarray, np.ndarray]:
         """Normalised R and F of a box, float32 ``(h, w)`` each."""
         y0, y1, x0, x1 = self._check_box(level, box)
-        r = np.asarray(self.mosaic.r[level][y0:y1, x0:x1], dtype=np.float32)
-        f = np.asarray(self.mosaic.f[level][y0:y1, x0:x1], dtype=np.float32)
-        return r, f
+        return read_array(self.mosaic.r[level][y0:y1, x0:x1]), read_array(
+            self.mosaic.f[level][y0:y1, x0:x1]
+        )
 
     def reflectance(self, level: int, box: Box, *, despeckled: bool | None = None) -> np.ndarray:
         """R of a box, despeckled if the settings (or ``despeckled``) say so.
@@ -251,7 +265,7 @@ class StainPipeline:
         y0, y1, x0, x1 = self._check_box(level, box)
         use = self.settings.despeckle is not None if despeckled is None else despeckled
         if not use:
-            return np.asarray(self.mosaic.r[level][y0:y1, x0:x1], dtype=np.float32)
+            return read_array(self.mosaic.r[level][y0:y1, x0:x1])
         if self.settings.despeckle is None:
             raise ValueError("despeckled R was asked for but the settings name no despeckle model")
         from napari_confocal_stain.core.inference import despeckle_region
@@ -259,7 +273,7 @@ class StainPipeline:
         h, w = self.level_shapes[level]
         halo = self.despeckle_halo()
         a0, a1, b0, b1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
-        r = np.asarray(self.mosaic.r[level][a0:a1, b0:b1], dtype=np.float32)
+        r = read_array(self.mosaic.r[level][a0:a1, b0:b1])
         big = max(r.shape)  # one pass over the read region: exact, no inner tiling
         out = despeckle_region(
             r,
@@ -276,7 +290,7 @@ class StainPipeline:
 
         y0, y1, x0, x1 = self._check_box(level, box)
         r = self.reflectance(level, box, despeckled=despeckled)
-        f = np.asarray(self.mosaic.f[level][y0:y1, x0:x1], dtype=np.float32)
+        f = read_array(self.mosaic.f[level][y0:y1, x0:x1])
         return linear_stain(
             r, f, self.settings.linear_method, **dict(self.settings.linear_coefficients)
         )

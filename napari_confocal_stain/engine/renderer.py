@@ -27,10 +27,12 @@ Scheduling
 
 from __future__ import annotations
 
+import atexit
 import math
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,17 @@ ComputeFn = Callable[[int, Box, Callable[[], bool]], np.ndarray]
 
 PlaceholderFn = Callable[[int, Box], np.ndarray]
 """``placeholder(level, box) -> uint8 image of box`` (cheap: no model)."""
+
+
+_RENDERERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Join the workers before the interpreter tears down (a daemon thread killed inside a
+    torch kernel aborts the process)."""
+    for renderer in list(_RENDERERS):
+        renderer.close(timeout=30.0)
 
 
 class _Cancel(Exception):
@@ -132,9 +145,13 @@ class RawTileStore:
                     overwrite=True,
                 )
                 done = group.create_array(
-                    f"{name}_done", shape=grid, chunks=grid, dtype=bool, fill_value=False,
+                    f"{name}_done",
+                    shape=grid,
+                    chunks=grid,
+                    dtype=bool,
+                    fill_value=False,
                     overwrite=True,
-                )  # fmt: skip
+                )
             self._levels.append((arr, done, np.asarray(done[...])))
 
     def get(self, key: TileKey, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -240,6 +257,7 @@ class TileRenderer:
         self._first_request: float | None = None
         self._thread = threading.Thread(target=self._work, name="tile-renderer", daemon=True)
         self._thread.start()
+        _RENDERERS.add(self)
 
     # ---------------------------------------------------------------- geometry
 
@@ -341,8 +359,11 @@ class TileRenderer:
                 return math.hypot((tyx[0] + 0.5) * t - cy, (tyx[1] + 0.5) * t - cx)
 
             vis = sorted(self.tiles_in(level, (y0, y1, x0, x1)), key=dist)
-            ring = [k for k in self.tiles_in(level, (y0, y1, x0, x1), self.prefetch)
-                    if k not in set(vis)]  # fmt: skip
+            ring = [
+                k
+                for k in self.tiles_in(level, (y0, y1, x0, x1), self.prefetch)
+                if k not in set(vis)
+            ]
             order = [(level, *k) for k in vis + sorted(ring, key=dist)]
             visible = {(level, *k) for k in vis}
         with self._cond:
@@ -541,7 +562,9 @@ class TileRenderer:
             img = self.display_tile(level, ty, tx)
             if img is None:
                 img = self.placeholder_tile(level, ty, tx)
-            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = img[a0 - ty0 : a1 - ty0, b0 - tx0 : b1 - tx0]
+            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = img[
+                a0 - ty0 : a1 - ty0, b0 - tx0 : b1 - tx0
+            ]
         return out if self.channels > 1 else out[..., 0]
 
     def levels(self) -> list[RenderedLevel]:
@@ -572,7 +595,9 @@ class RenderedLevel:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"RenderedLevel(level={self.level}, shape={self.shape}, scope={self.renderer.scope})"
+        return (
+            f"RenderedLevel(level={self.level}, shape={self.shape}, scope={self.renderer.scope})"
+        )
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):

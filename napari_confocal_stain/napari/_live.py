@@ -69,7 +69,13 @@ class LiveImage(Image):
         self.events.add(live_view=Event)
         self.live_view: tuple[int, tuple[int, int, int, int]] | None = None
 
-    def _update_draw(self, scale_factor, corner_pixels_displayed, shape_threshold):  # noqa: ANN001
+    def _reset_thumbnail_level_data(self) -> None:
+        # napari keeps the coarsest level materialised (an lru_cache of np.asarray) and
+        # serves slices of it from there; our levels change as tiles land, so always read.
+        super()._reset_thumbnail_level_data()
+        self._level_materializer = None
+
+    def _update_draw(self, scale_factor, corner_pixels_displayed, shape_threshold):
         super()._update_draw(scale_factor, corner_pixels_displayed, shape_threshold)
         try:
             view = self._visible_view(corner_pixels_displayed, shape_threshold)
@@ -79,7 +85,7 @@ class LiveImage(Image):
             self.live_view = view
             self.events.live_view(value=view)
 
-    def _visible_view(self, corner_pixels_displayed, shape_threshold):  # noqa: ANN001
+    def _visible_view(self, corner_pixels_displayed, shape_threshold):
         if not self.multiscale or self._slice_input.ndisplay != 2:
             return None
         displayed = self._slice_input.displayed
@@ -271,7 +277,7 @@ class LiveLayer:
 
     # ------------------------------------------------------------------ products
 
-    def _compute(self, level: int, box: tuple[int, int, int, int], cancel) -> np.ndarray:  # noqa: ANN001
+    def _compute(self, level: int, box: tuple[int, int, int, int], cancel) -> np.ndarray:
         p = self.pipeline
         if self.product == "gan":
             return to_uint8(p.gan(level, box, cancel=cancel))

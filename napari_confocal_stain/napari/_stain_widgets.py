@@ -9,7 +9,6 @@ notification plus the status line.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,12 +142,23 @@ def _check_model_async(
     from napari_confocal_stain.engine.pipeline import get_model
 
     @thread_worker
-    def _load() -> Any:
-        return get_model(name_or_path, device, kind)
+    def _load() -> tuple[Any, BaseException | None]:
+        # Errors are returned, not raised: a raised error would also reach napari's own
+        # exception dialog (two reports for one bad file).
+        try:
+            return get_model(name_or_path, device, kind), None
+        except Exception as exc:
+            return None, exc
+
+    def done(result: tuple[Any, BaseException | None]) -> None:
+        model, exc = result
+        if exc is None:
+            on_ok(model)
+        else:
+            on_error(exc)
 
     worker = _load()
-    worker.returned.connect(on_ok)
-    worker.errored.connect(on_error)
+    worker.returned.connect(done)
     worker.start()
     return worker
 
@@ -171,16 +181,23 @@ class DespeckleWidget(Container):
         self.model = _ModelChooser("Model", "despeckle", DEFAULT_DESPECKLE_MODEL)
         self.median = CheckBox(text="3×3 median after the network (Combalia)", value=True)
         self.for_stains = CheckBox(
-            text="Stain from the despeckled reflectance", value=False,
+            text="Stain from the despeckled reflectance",
+            value=False,
             tooltip="The GAN stain and a second linear-stain layer use despeckled R",
-        )  # fmt: skip
+        )
         self.run_button = PushButton(text="Despeckle")
         self.status = Label(value="")
         super().__init__(
-            widgets=[self.slide, self.model, self.median, self.for_stains, self.run_button,
-                     self.status],
+            widgets=[
+                self.slide,
+                self.model,
+                self.median,
+                self.for_stains,
+                self.run_button,
+                self.status,
+            ],
             labels=True,
-        )  # fmt: skip
+        )
         _wrap(self.status)
         self.run_button.changed.connect(self.run)
         self.for_stains.changed.connect(self._stains_changed)
@@ -235,10 +252,15 @@ class DespeckleWidget(Container):
         else:
             r = _r_layer(self._viewer, slide)
             live = LiveLayer(
-                self._viewer, pipeline, "despeckled-r", slide=slide, role="despeckled",
-                disk_root=_tile_cache_dir(), on_status=self._set_status,
+                self._viewer,
+                pipeline,
+                "despeckled-r",
+                slide=slide,
+                role="despeckled",
+                disk_root=_tile_cache_dir(),
+                on_status=self._set_status,
                 layer_kwargs=_geometry(r, live_layer_name(slide, "despeckled"), "gray"),
-            )  # fmt: skip
+            )
         self.status.value = f"{live.layer.name}: computing what is on screen"
         if self.for_stains.value:
             self._stains_changed()
@@ -297,33 +319,66 @@ class GanStainWidget(Container):
             choices=[(STRATEGY_LABELS.get(s, s), s) for s in STRATEGIES],
             value="seamless",
         )
-        self.tile = ComboBox(label="Tile size", choices=[256, 512, 1024], value=512,
-                             tooltip="Statistics tile of the strategy and display tile (px)")  # fmt: skip
-        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"],
-                               value="auto", tooltip="auto: CUDA, then Apple MPS, then CPU")  # fmt: skip
+        self.tile = ComboBox(
+            label="Tile size",
+            choices=[256, 512, 1024],
+            value=512,
+            tooltip="Statistics tile of the strategy and display tile (px)",
+        )
+        self.device = ComboBox(
+            label="Device",
+            choices=["auto", "cpu", "cuda", "mps"],
+            value="auto",
+            tooltip="auto: CUDA, then Apple MPS, then CPU",
+        )
         self.precision = ComboBox(
-            label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto",
+            label="Precision",
+            choices=["auto", "fp32", "bf16", "fp16"],
+            value="auto",
             tooltip="auto: bf16/fp16 on GPUs; on the CPU bf16 only where it is faster",
-        )  # fmt: skip
+        )
         self.disk_cache = CheckBox(text="Keep tiles on disk (reopening is instant)", value=True)
-        self.cache_mb = SpinBox(label="Memory (MB)", value=DEFAULT_CACHE_MB, min=64, max=65536,
-                                step=64, tooltip="In-memory tile cache budget")  # fmt: skip
+        self.cache_mb = SpinBox(
+            label="Memory (MB)",
+            value=DEFAULT_CACHE_MB,
+            min=64,
+            max=65536,
+            step=64,
+            tooltip="In-memory tile cache budget",
+        )
         self.start_button = PushButton(text="Start")
         self.stop_button = PushButton(text="Stop")
         self.status = Label(value="")
-        buttons = Container(widgets=[self.start_button, self.stop_button], layout="horizontal",
-                            labels=False)  # fmt: skip
+        buttons = Container(
+            widgets=[self.start_button, self.stop_button], layout="horizontal", labels=False
+        )
         buttons.margins = (0, 0, 0, 0)
         super().__init__(
-            widgets=[self.slide, self.model, self.strategy, self.tile, self.device,
-                     self.precision, self.disk_cache, self.cache_mb, buttons, self.status],
+            widgets=[
+                self.slide,
+                self.model,
+                self.strategy,
+                self.tile,
+                self.device,
+                self.precision,
+                self.disk_cache,
+                self.cache_mb,
+                buttons,
+                self.status,
+            ],
             labels=True,
-        )  # fmt: skip
+        )
         _wrap(self.status)
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
-        for w in (self.model.bundled, self.model.file, self.strategy, self.tile, self.device,
-                  self.precision):  # fmt: skip
+        for w in (
+            self.model.bundled,
+            self.model.file,
+            self.strategy,
+            self.tile,
+            self.device,
+            self.precision,
+        ):
             w.changed.connect(self._params_changed)
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
@@ -333,8 +388,9 @@ class GanStainWidget(Container):
         choice = self.model.choice
         if choice is None:
             return None
-        desp, median = (None, True) if self._despeckle is None else (
-            self._despeckle.despeckle_setting())  # fmt: skip
+        desp, median = (
+            (None, True) if self._despeckle is None else (self._despeckle.despeckle_setting())
+        )
         return StainSettings(
             despeckle=desp,
             median=median,
@@ -380,8 +436,9 @@ class GanStainWidget(Container):
 
         _check_model_async(settings.model, settings.device, ok, failed, "stain")
         if settings.despeckle is not None:
-            _check_model_async(settings.despeckle, settings.device, lambda *_: None,
-                               failed, "despeckle")  # fmt: skip
+            _check_model_async(
+                settings.despeckle, settings.device, lambda *_: None, failed, "despeckle"
+            )
 
     def _show(self, slide: str, mosaic: Any, settings: StainSettings) -> LiveLayer:
         pipeline = StainPipeline(mosaic, settings, slide_id=str(mosaic.source))
@@ -392,12 +449,17 @@ class GanStainWidget(Container):
         else:
             r = _r_layer(self._viewer, slide)
             live = LiveLayer(
-                self._viewer, pipeline, "gan", slide=slide, role="gan",
+                self._viewer,
+                pipeline,
+                "gan",
+                slide=slide,
+                role="gan",
                 tile=settings.tile,
                 disk_root=_tile_cache_dir() if self.disk_cache.value else None,
-                cache_mb=int(self.cache_mb.value), on_status=self._set_status,
+                cache_mb=int(self.cache_mb.value),
+                on_status=self._set_status,
                 layer_kwargs=_geometry(r, live_layer_name(slide, "gan")),
-            )  # fmt: skip
+            )
         return live
 
     def stop(self, *_: Any) -> None:
@@ -434,8 +496,9 @@ class CompareWidget(Container):
         self.side_button = PushButton(text="Side by side")
         self.overlay_button = PushButton(text="Overlay")
         self.status = Label(value="")
-        row = Container(widgets=[self.side_button, self.overlay_button], layout="horizontal",
-                        labels=False)  # fmt: skip
+        row = Container(
+            widgets=[self.side_button, self.overlay_button], layout="horizontal", labels=False
+        )
         row.margins = (0, 0, 0, 0)
         super().__init__(widgets=[row, self.status], labels=False)
         self.margins = (0, 0, 0, 0)
