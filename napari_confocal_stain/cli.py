@@ -5,6 +5,7 @@ Subcommands::
     confocal-stain info PATH [--f-path F] [--channels R,F] [--normalization MODE]
     confocal-stain synth OUT --size 30000x30000 --seed 1 [--looks 5] [--dtype uint8]
     confocal-stain sample            # prints the bundled sample slide's folder
+    confocal-stain metrics SLIDE [--model M] [--strategy S ...] [--cell 512] [--csv C] [--plot P]
 
 Errors the user can cause (bad paths, bad files, bad options) print one line to
 stderr and exit with status 2; nothing is written on failure.
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the folder of the bundled sample slide (generated on first use)",
     )
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    # Subcommands that live in their own modules (each registers `func=run`).
+    from napari_confocal_stain import cli_metrics
+
+    cli_metrics.add_parser(sub)
     return parser
 
 
@@ -181,7 +187,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``confocal-stain``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handler = {"info": _cmd_info, "synth": _cmd_synth, "sample": _cmd_sample}[args.command]
+    handler = getattr(args, "func", None) or {
+        "info": _cmd_info,
+        "synth": _cmd_synth,
+        "sample": _cmd_sample,
+    }[args.command]
     try:
         return handler(args)
     except ConfocalStainError as exc:

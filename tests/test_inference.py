@@ -510,3 +510,17 @@ def test_seamless_output_does_not_depend_on_the_tile_grid(he, unet) -> None:
     c = stain_region(img, unet, origin=(2, 2), **kw)  # half a cell: slightly different
     np.testing.assert_array_equal(a, b)
     assert 0 < np.abs(a - c).mean() < 0.01
+
+
+def test_seamless_gives_tissue_free_cells_the_background_fill(unet):
+    """Instance norm would amplify the faint noise of empty background into texture."""
+    rng = np.random.default_rng(0)
+    img = 1.0 - rng.uniform(0.0, 0.01, (128, 256, 3)).astype(np.float32)  # empty, faint noise
+    img[:, :60] = rng.uniform(0.2, 0.9, (128, 60, 3))  # tissue in the first cell only
+    out = stain_region(img, unet, tile=64, precision="fp32", max_block_pixels=1e9)
+    fill = stain_region(np.ones((64, 64, 3), np.float32), unet, tile=64, precision="fp32")
+    # Cells 2–3 of each row are tissue-free: exactly the background fill, flat.
+    np.testing.assert_allclose(out[:, 128:], np.broadcast_to(fill[32, 32], (128, 128, 3)))
+    assert out[:, :60].std() > 0.01  # tissue is still stained
+    plain = stain_region(img, unet, tile=64, precision="fp32", skip_background=False)
+    assert plain[:, 128:].std() > out[:, 128:].std()

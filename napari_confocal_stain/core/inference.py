@@ -775,7 +775,37 @@ def _seamless_blocks(
             on_block(0)
     assert result is not None
     out = ((result[0] + 1.0) / 2.0).clamp_(0.0, 1.0).permute(1, 2, 0).numpy()
+    if skip_background and todo:
+        _fill_background_cells(padded, out, model, execu, tile, origin)
     return out, sum(b.pixels for b in todo), len(skipped)
+
+
+def _fill_background_cells(
+    padded: np.ndarray,
+    out: np.ndarray,
+    model: nn.Module,
+    execu: _Executor,
+    tile: int,
+    origin: tuple[int, int],
+) -> None:
+    """Give tissue-free statistics cells of computed blocks the background fill.
+
+    Instance norm divides by the standard deviation of its window; on a tissue-free window
+    that is the faint noise of the background, which the generator then amplifies into
+    coloured texture. ``independent`` never runs such windows (it fills them), and the
+    viewer's tiles skip them too; a large block with some tissue would otherwise run them.
+    Filling them here makes every strategy and every block size show the same background.
+    """
+    h, w = padded.shape[:2]
+    ys = sorted({0, h, *range(origin[0] % tile, h, tile)})
+    xs = sorted({0, w, *range(origin[1] % tile, w, tile)})
+    fill = None
+    for a, b in itertools.pairwise(ys):
+        for c, d in itertools.pairwise(xs):
+            if b > a and d > c and is_background(padded[a:b, c:d]):
+                if fill is None:
+                    fill = background_response(model, (tile, tile), kind="constant", execu=execu)
+                out[a:b, c:d] = fill
 
 
 def _all_tiles_background(

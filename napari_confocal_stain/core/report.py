@@ -29,6 +29,7 @@ __all__ = [
     "METRIC_LABELS",
     "STATISTICS",
     "cells_to_csv",
+    "distribution_figure",
     "format_summary",
     "plot_distributions",
     "summarize",
@@ -44,7 +45,7 @@ METRIC_LABELS = {
     "nuclei_erased": "erased nuclei per cell (lower is better)",
     "nuclei_invented": "invented nuclei per cell (lower is better)",
 }
-_TITLES = {"lbp_chi2": "LBP χ²", "ssim": "SSIM"}
+_TITLES = {"lbp_chi2": "LBP χ²", "ssim": "SSIM", "nuclei_preserved": "Nuclei preserved"}
 
 
 def _finite(values: Any, name: str) -> np.ndarray:
@@ -202,6 +203,93 @@ def cells_to_csv(
     return _write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
+def distribution_figure(
+    data: Mapping[str, Mapping[str, Any]],
+    *,
+    title: str | None = None,
+    metrics: Sequence[str] | None = None,
+    dpi: int = 120,
+    figure: Any = None,
+) -> Any:
+    """Draw the box plots of :func:`plot_distributions` into a matplotlib figure.
+
+    Parameters
+    ----------
+    data, title, metrics, dpi
+        As for :func:`plot_distributions`.
+    figure
+        A :class:`matplotlib.figure.Figure` to clear and draw into (e.g. the figure of a
+        Qt canvas in a dock widget); default: a new figure with an Agg canvas.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure drawn.
+
+    Raises
+    ------
+    ValueError
+        No strategies, no metrics, or non-numeric values.
+    """
+    if not data:
+        raise ValueError("plot_distributions needs at least one strategy")
+    if metrics is None:
+        metrics = list(dict.fromkeys(m for per in data.values() for m in per))
+    metrics = [str(m) for m in metrics]
+    if not metrics:
+        raise ValueError("plot_distributions needs at least one metric")
+    strategies = [str(s) for s in data]
+    values = {
+        (s, m): _finite(per.get(m, ()), m)
+        for s, per in zip(strategies, data.values(), strict=True)
+        for m in metrics
+    }
+
+    width = max(4.0, 1.1 * len(strategies) + 1.5)
+    if figure is None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(width * len(metrics), 4.2), dpi=dpi, layout="constrained")
+        FigureCanvasAgg(fig)
+    else:
+        fig = figure
+        fig.clear()
+        fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    colours = [f"C{i % 10}" for i in range(len(strategies))]
+    for ax, metric in zip(axes, metrics, strict=True):
+        series = [values[(s, metric)] for s in strategies]
+        present = [k for k, v in enumerate(series) if v.size]
+        if present:
+            box = ax.boxplot(
+                [series[k] for k in present],
+                positions=[k + 1 for k in present],
+                whis=(5, 95),
+                showfliers=False,
+                showmeans=True,
+                widths=0.6,
+                patch_artist=True,
+                meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "k"},
+                medianprops={"color": "k"},
+            )
+            for patch, k in zip(box["boxes"], present, strict=True):
+                patch.set_facecolor(colours[k])
+                patch.set_alpha(0.75)
+        ax.set_xticks(
+            range(1, len(strategies) + 1),
+            [f"{s}\n(n={series[k].size})" for k, s in enumerate(strategies)],
+        )
+        ax.set_xlim(0.4, len(strategies) + 0.6)
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_title(_TITLES.get(metric, metric))
+        ax.grid(axis="y", alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)  # "+1" offsets confuse fractions
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def plot_distributions(
     path: str | os.PathLike,
     data: Mapping[str, Mapping[str, Any]],
@@ -239,56 +327,7 @@ def plot_distributions(
     ValueError
         No strategies, no metrics, or non-numeric values.
     """
-    if not data:
-        raise ValueError("plot_distributions needs at least one strategy")
-    if metrics is None:
-        metrics = list(dict.fromkeys(m for per in data.values() for m in per))
-    metrics = [str(m) for m in metrics]
-    if not metrics:
-        raise ValueError("plot_distributions needs at least one metric")
-    strategies = [str(s) for s in data]
-    values = {
-        (s, m): _finite(per.get(m, ()), m)
-        for s, per in zip(strategies, data.values(), strict=True)
-        for m in metrics
-    }
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    width = max(4.0, 1.1 * len(strategies) + 1.5)
-    fig = Figure(figsize=(width * len(metrics), 4.2), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    colours = [f"C{i % 10}" for i in range(len(strategies))]
-    for ax, metric in zip(axes, metrics, strict=True):
-        series = [values[(s, metric)] for s in strategies]
-        present = [k for k, v in enumerate(series) if v.size]
-        if present:
-            box = ax.boxplot(
-                [series[k] for k in present],
-                positions=[k + 1 for k in present],
-                whis=(5, 95),
-                showfliers=False,
-                showmeans=True,
-                widths=0.6,
-                patch_artist=True,
-                meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "k"},
-                medianprops={"color": "k"},
-            )
-            for patch, k in zip(box["boxes"], present, strict=True):
-                patch.set_facecolor(colours[k])
-                patch.set_alpha(0.75)
-        ax.set_xticks(
-            range(1, len(strategies) + 1),
-            [f"{s}\n(n={series[k].size})" for k, s in enumerate(strategies)],
-        )
-        ax.set_xlim(0.4, len(strategies) + 0.6)
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.set_title(_TITLES.get(metric, metric))
-        ax.grid(axis="y", alpha=0.3)
-    if title:
-        fig.suptitle(title)
+    fig = distribution_figure(data, title=title, metrics=metrics, dpi=dpi)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return _write_atomic(path, buf.getvalue())

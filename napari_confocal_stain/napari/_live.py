@@ -40,10 +40,10 @@ __all__ = ["LiveImage", "LiveLayer", "live_layers", "shared_cache"]
 DEBOUNCE_MS = 80
 """Quiet time after the last camera change before the renderer is told (ms)."""
 
-REFRESH_MS = 120
+REFRESH_MS = 250
 """Longest interval between layer refreshes while tiles land (ms)."""
 
-GAN_MARGIN = 32
+GAN_MARGIN = 16
 """Context (pixels each side) of a GAN tile, cross-faded with its neighbours over twice that."""
 
 DEFAULT_CACHE_MB = 768
@@ -69,11 +69,14 @@ class LiveImage(Image):
         self.events.add(live_view=Event)
         self.live_view: tuple[int, tuple[int, int, int, int]] | None = None
 
-    def _reset_thumbnail_level_data(self) -> None:
-        # napari keeps the coarsest level materialised (an lru_cache of np.asarray) and
-        # serves slices of it from there; our levels change as tiles land, so always read.
-        super()._reset_thumbnail_level_data()
-        self._level_materializer = None
+    def forget_coarsest_level(self) -> None:
+        """Make napari re-read the coarsest level at the next refresh.
+
+        napari keeps the coarsest level materialised (an lru_cache of ``np.asarray``) for the
+        thumbnail and serves slices at that level from it; when one of its tiles lands, that
+        copy is stale.
+        """
+        self._reset_thumbnail_level_data()
 
     def _update_draw(self, scale_factor, corner_pixels_displayed, shape_threshold):
         super()._update_draw(scale_factor, corner_pixels_displayed, shape_threshold)
@@ -177,6 +180,7 @@ class LiveLayer:
         self._error_shown = False
         self._pbar: Any = None
         self._last_refresh = 0.0
+        self._coarsest_changed = False
         self.tile = int(tile)
         self.disk_root = disk_root
         self.cache_mb = cache_mb
@@ -318,6 +322,8 @@ class LiveLayer:
         if self.closed:
             return
         self.tile_done.emit(level, ty, tx)
+        if level == len(self.renderer.level_shapes) - 1:
+            self._coarsest_changed = True
         if not self._refresh_timer.isActive():
             # Throttle: at most one refresh per REFRESH_MS, the first one without delay.
             wait = max(0.0, REFRESH_MS / 1000 - (time.perf_counter() - self._last_refresh))
@@ -327,6 +333,9 @@ class LiveLayer:
         if self.closed:
             return
         self._last_refresh = time.perf_counter()
+        if self._coarsest_changed:
+            self._coarsest_changed = False
+            self.layer.forget_coarsest_level()
         self.layer.refresh(thumbnail=False, extent=False)
         self._refresh_status()
 

@@ -247,7 +247,7 @@ class ConfocalStainWidget(Container):
     """The plugin's main panel: open a slide (or the sample) and stain it.
 
     This is the widget ``napari -w napari-confocal-stain`` docks: slide, compare (side by
-    side / overlay), and the GAN stain, linear stain and despeckle tools as tabs.
+    side / overlay), and the GAN stain, linear stain, despeckle and heatmaps tools as tabs.
 
     Parameters
     ----------
@@ -276,6 +276,9 @@ class ConfocalStainWidget(Container):
         self.despeckle = DespeckleWidget(viewer, on_change=lambda: self.gan.despeckle_changed())
         self.gan = GanStainWidget(viewer, despeckle=self.despeckle)
         self.compare = CompareWidget(viewer)
+        from napari_confocal_stain.napari._heatmaps import HeatmapsWidget
+
+        self.heatmaps = HeatmapsWidget(viewer)
         self._auto_stained: set[str] = set()
         super().__init__(
             widgets=[
@@ -291,7 +294,12 @@ class ConfocalStainWidget(Container):
             labels=False,
         )
         self._add_tabs(
-            [("GAN stain", self.gan), ("Linear stain", self.linear), ("Despeckle", self.despeckle)]
+            [
+                ("GAN stain", self.gan),
+                ("Linear stain", self.linear),
+                ("Despeckle", self.despeckle),
+                ("Heatmaps", self.heatmaps),
+            ]
         )
         _wrap(self.info)
         self.max_width = PANEL_WIDTH  # leave the canvas most of the window

@@ -1,0 +1,332 @@
+"""Interactive staining in a real napari viewer: latency, throughput, memory (issue 4 targets).
+
+Runs a napari viewer (needs a display: ``xvfb-run``) on the bundled synthetic sample slide
+(4096², 0.75 µm/px), with the canvas sized to a 1920×1080 viewport, and measures in one run:
+
+1. **Linear stain**: seconds from a camera move to a new full-resolution place until napari has
+   sliced the linear-stain layer there (target < 0.1 s). Median over several moves.
+2. **GAN stain** with the bundled U-Net (CPU): from the view settling (the debounced request)
+   to the first tile on screen (target < 1 s), and to the whole viewport on screen; then
+   ``stain_region`` alone on the same pixels (the bounding box of the visible tiles, the pixels
+   the renderer had to produce, and the exact viewport), in the same process right after.
+   The ratio viewport-time ÷ ``stain_region``-time is the figure (target ≤ 1.3).
+3. **Event-loop latency**: a 10 ms QTimer probe on the main thread records how late it fires
+   while tiles compute; the maximum and the 99th percentile (target: max < 0.1 s).
+4. **500 random pans/zooms** with a bounded cache: peak RSS above the baseline (viewer + slide
+   + model loaded) stays under the cache bound + a fixed overhead; every ``--check-every``-th
+   view, napari's sliced pixels are compared with an independent recomputation (no tile at the
+   wrong place). Uses a cheap generator (affine) so hundreds of views finish in minutes.
+
+Run: ``xvfb-run -a -s "-screen 0 2400x1400x24" python bench/viewport.py`` (``--pans 100`` for a
+quick run). The machine is shared: ratios are measured within one run; absolute times are for
+orientation only (the load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+def _load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pans", type=int, default=500)
+    parser.add_argument("--check-every", type=int, default=25)
+    parser.add_argument("--cache-mb", type=int, default=256)
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--linear-moves", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    import napari
+    import psutil
+    import torch
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_confocal_stain.core.inference import stain_region
+    from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings, to_uint8
+    from napari_confocal_stain.io.sample import sample_slide_path
+    from napari_confocal_stain.models.checkpoint import save_checkpoint
+    from napari_confocal_stain.models.registry import build_model
+    from napari_confocal_stain.napari._live import LiveLayer, shared_cache
+    from napari_confocal_stain.napari._reader import read_mosaic
+    from napari_confocal_stain.napari._widgets import LinearStainWidget
+
+    print(f"$ {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {_load()}")
+    proc = psutil.Process()
+    slide = sample_slide_path()
+    viewer = napari.Viewer(show=True)
+    app = QApplication.instance()
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.002)
+
+    def spin_until(cond, timeout: float) -> bool:
+        end = time.perf_counter() + timeout
+        while time.perf_counter() < end:
+            app.processEvents()
+            if cond():
+                return True
+            time.sleep(0.001)
+        return False
+
+    for data, kwargs, _ in read_mosaic(str(slide)):
+        viewer.add_image(data, **kwargs)
+    lin_widget = LinearStainWidget(viewer)
+    lin_widget.slide.value = lin_widget.slide.choices[0]
+    linear = lin_widget.apply()
+    qt_canvas = viewer.window._qt_viewer.canvas
+    viewer.window._qt_window.resize(1920 + 400, 1080 + 200)
+    spin(0.5)
+    qt_canvas.native.setFixedSize(1920, 1080)
+    spin(0.5)
+    print(f"canvas {qt_canvas.native.width()}×{qt_canvas.native.height()} px")
+    px = float(linear.scale[-1])
+    rng = np.random.default_rng(0)
+    camera = viewer.scene.camera
+
+    # 1. linear stain of a 1920×1080 full-resolution viewport ---------------------------
+    for lyr in viewer.layers:
+        lyr.visible = lyr is linear
+    times = []
+    for _ in range(args.linear_moves):
+        cy, cx = rng.uniform(700, 4096 - 700, size=2)
+        before = linear._slice.image.raw
+        t0 = time.perf_counter()
+        camera.center = (cy * px, cx * px)
+        camera.zoom = 1.0 / px  # one screen pixel per slide pixel: level 0
+        ok = spin_until(lambda b=before: linear._slice.image.raw is not b, 5.0)
+        times.append(time.perf_counter() - t0 if ok else float("nan"))
+        spin(0.2)
+    lin_s = statistics.median(times)
+    print(
+        f"linear stain, 1920×1080 at level {linear.data_level}: median {lin_s:.3f} s "
+        f"(max {max(times):.3f} s) from the camera move to napari's new slice"
+    )
+
+    # 2 + 3. GAN stain with the bundled U-Net: first tile, whole viewport, latency ----------
+    mosaic = linear.metadata["confocal_mosaic"]
+    pipeline = StainPipeline(mosaic, StainSettings(tile=args.tile, precision="fp32"))
+    pipeline.stain_model()  # load once, outside the timing
+    shared_cache(args.cache_mb)
+    live = LiveLayer(
+        viewer,
+        pipeline,
+        "gan",
+        slide="bench",
+        role="gan",
+        tile=args.tile,
+        layer_kwargs={"scale": tuple(linear.scale)},
+    )
+    lateness: list[float] = []
+    probe = QTimer()
+    probe.setInterval(10)
+    last = [time.perf_counter()]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        lateness.append(now - last[0] - 0.010)
+        last[0] = now
+
+    probe.timeout.connect(tick)
+    cy, cx = 2048.0, 2048.0
+    camera.center = (cy * px, cx * px)
+    camera.zoom = 1.0 / px
+    spin_until(lambda: live.layer.live_view is not None and live.layer.live_view[0] == 0, 5)
+    spin(0.3)
+    level, box = live.layer.live_view
+    r = live.renderer
+    visible_tiles = r.tiles_in(level, box)
+    shown_at: dict[tuple, float] = {}
+
+    def landed(lv: int, ty: int, tx: int) -> None:
+        shown_at.setdefault((lv, ty, tx), time.perf_counter())
+
+    live.tile_done.connect(landed)
+    probe.start()
+    last[0] = time.perf_counter()
+    t0 = time.perf_counter()
+    live.request_now()
+    vis_keys = {(level, ty, tx) for ty, tx in visible_tiles}
+    spin_until(lambda: vis_keys <= set(shown_at), 600)
+    t_all = max(shown_at[k] for k in vis_keys) - t0
+    t_first = min(shown_at.values()) - t0
+    spin_until(lambda: not r.busy, 600)
+    probe.stop()
+    late = np.array(lateness[3:]) if len(lateness) > 3 else np.array([0.0])
+    print(
+        f"GAN viewport: level {level}, visible box {box}, {len(visible_tiles)} tiles of "
+        f"{args.tile}² (+{r.margin} px context), load {_load()}"
+    )
+    print(f"  first tile on screen {t_first:.2f} s, whole viewport {t_all:.2f} s")
+    print(
+        f"  event-loop probe: max lateness {late.max() * 1000:.0f} ms, "
+        f"p99 {np.percentile(late, 99) * 1000:.0f} ms over {len(late)} ticks"
+    )
+    # stain_region alone on the same pixels, right after (same process, same load)
+    ty0 = min(t for t, _ in visible_tiles)
+    ty1 = max(t for t, _ in visible_tiles)
+    tx0 = min(t for _, t in visible_tiles)
+    tx1 = max(t for _, t in visible_tiles)
+    tiles_box = (
+        r.tile_box(level, ty0, tx0)[0],
+        r.tile_box(level, ty1, tx1)[1],
+        r.tile_box(level, ty0, tx0)[2],
+        r.tile_box(level, ty1, tx1)[3],
+    )
+    model = pipeline.stain_model()
+
+    def run_alone(b):
+        t = time.perf_counter()
+        lin = pipeline.linear(level, b)
+        stain_region(
+            lin,
+            model,
+            tile=args.tile,
+            precision="fp32",
+            origin=(-b[0] % args.tile, -b[2] % args.tile),
+        )
+        return time.perf_counter() - t
+
+    t_tiles = run_alone(tiles_box)
+    t_view = run_alone(box)
+    mp = (tiles_box[1] - tiles_box[0]) * (tiles_box[3] - tiles_box[2]) / 1e6
+    print(
+        f"  stain_region alone: tiles' box {tiles_box} ({mp:.2f} MP) {t_tiles:.2f} s; exact "
+        f"viewport {box} {t_view:.2f} s; load {_load()}"
+    )
+    ratio_view = t_all / t_tiles
+    print(
+        f"  viewer ÷ stain_region on the same pixels: {ratio_view:.2f}; "
+        f"÷ stain_region on the exact viewport: {t_all / t_view:.2f}"
+    )
+    live.close()
+    viewer.layers.remove(live.layer)
+
+    # 4. 500 random pans / zooms with a bounded cache --------------------------------------
+    tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_viewport_affine.safetensors")
+    save_checkpoint(tmp, build_model("affine"), architecture="affine")
+    cheap = StainPipeline(mosaic, StainSettings(model=tmp, tile=args.tile, precision="fp32"))
+    cheap.stain_model()
+    cache = shared_cache(args.cache_mb)
+    cache.invalidate()
+    live = LiveLayer(
+        viewer,
+        cheap,
+        "gan",
+        slide="bench",
+        role="gan",
+        tile=args.tile,
+        layer_kwargs={"scale": tuple(linear.scale)},
+    )
+    # Only the live layer is shown: napari's own dask cache (for the dask-backed R, F and
+    # linear layers) is napari's memory, not the renderer's.
+    linear.visible = False
+    import gc
+
+    gc.collect()
+    spin(0.5)
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    checked = mismatches = 0
+    for i in range(args.pans):
+        zoom = float(rng.choice([0.125, 0.25, 0.5, 1.0, 2.0])) / px
+        cy, cx = rng.uniform(0, 4096, size=2)
+        camera.center = (cy * px, cx * px)
+        camera.zoom = zoom
+        spin(float(rng.uniform(0.01, 0.15)))
+        if (i + 1) % args.check_every == 0:
+            live.request_now()
+            spin_until(lambda: not live.renderer.busy, 120)
+            spin(0.3)
+            shown = np.asarray(live.layer._slice.image.raw)
+            lv = live.layer.data_level
+            cp = live.layer.corner_pixels
+            sbox = (int(cp[0, 0]), int(cp[1, 0]) + 1, int(cp[0, 1]), int(cp[1, 1]) + 1)
+            expect = _expected(live.renderer, cheap, lv, sbox, to_uint8, stain_region)
+            checked += 1
+            mismatches += int(not np.array_equal(shown, expect))
+    stop.set()
+    sampler.join()
+    grew = (peak[0] - base) / 2**20
+    print(
+        f"{args.pans} random pans/zooms (cheap affine model, cache bound {args.cache_mb} MB): "
+        f"peak RSS {peak[0] / 2**20:.0f} MB, {grew:.0f} MB above the {base / 2**20:.0f} MB "
+        f"baseline; cache holds {cache.nbytes / 2**20:.0f} MB; "
+        f"{len(live.renderer.stats.computed)} tiles computed, "
+        f"{len(live.renderer.stats.cancelled)} cancelled; "
+        f"{checked} views checked pixel for pixel, {mismatches} mismatches"
+    )
+    live.close()
+    viewer.close()
+    print(
+        f"targets: linear {lin_s:.3f} s (< 0.1); first GAN tile {t_first:.2f} s (< 1); "
+        f"event loop max {late.max() * 1000:.0f} ms (< 100); RSS growth {grew:.0f} MB vs "
+        f"cache {args.cache_mb} MB; wrong-place tiles {mismatches}"
+    )
+    print(f"RATIO viewport ÷ stain_region (same pixels): {ratio_view:.2f}  (target ≤ 1.3)")
+    return 0
+
+
+def _expected(renderer, pipeline, level, box, to_uint8, stain_region) -> np.ndarray:
+    """Recompute what must be on screen in ``box`` from scratch (independent of the cache)."""
+    from napari_confocal_stain.engine.blend import compose
+
+    s = pipeline.settings
+    out = np.zeros((box[1] - box[0], box[3] - box[2], 3), np.uint8)
+    for ty, tx in renderer.tiles_in(level, box):
+        core = renderer.tile_box(level, ty, tx)
+        if renderer.is_done(level, ty, tx):
+            pieces = []
+            gy, gx = renderer.grid(level)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    k = (level, ty + dy, tx + dx)
+                    if 0 <= k[1] < gy and 0 <= k[2] < gx and renderer.is_done(*k):
+                        g = renderer.grown_box(*k)
+                        img = stain_region(
+                            pipeline.linear(level, g),
+                            pipeline.stain_model(),
+                            tile=s.tile,
+                            precision="fp32",
+                            origin=(-g[0] % s.tile, -g[2] % s.tile),
+                        )
+                        pieces.append((g, to_uint8(img)))
+            comp = compose(core, pieces, renderer.level_shapes[level], renderer.margin)
+            tile_img = (comp + 0.5).astype(np.uint8)
+        else:
+            tile_img = to_uint8(pipeline.linear(level, core))
+        a0, a1 = max(box[0], core[0]), min(box[1], core[1])
+        b0, b1 = max(box[2], core[2]), min(box[3], core[3])
+        out[a0 - box[0] : a1 - box[0], b0 - box[2] : b1 - box[2]] = tile_img[
+            a0 - core[0] : a1 - core[0], b0 - core[2] : b1 - core[2]
+        ]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
