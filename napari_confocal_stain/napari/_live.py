@@ -181,6 +181,7 @@ class LiveLayer:
         self._pbar: Any = None
         self._last_refresh = 0.0
         self._coarsest_changed = False
+        self._device_used: str | None = None
         self.tile = int(tile)
         self.disk_root = disk_root
         self.cache_mb = cache_mb
@@ -284,7 +285,14 @@ class LiveLayer:
     def _compute(self, level: int, box: tuple[int, int, int, int], cancel) -> np.ndarray:
         p = self.pipeline
         if self.product == "gan":
-            return to_uint8(p.gan(level, box, cancel=cancel))
+            report: dict = {}
+            out = to_uint8(p.gan(level, box, cancel=cancel, report=report))
+            used = f"{report.get('device', '?')} {report.get('precision', '')}".strip()
+            if self._device_used is not None and used != self._device_used:
+                # stain_region fell back (e.g. GPU out of memory → CPU): say so, once.
+                self._notify_fallback(f"{self._device_used} → {used}")
+            self._device_used = used
+            return out
         if self.product == "despeckled-r":
             return to_uint8(p.reflectance(level, box, despeckled=True))
         if self.product == "linear":
@@ -340,6 +348,15 @@ class LiveLayer:
         self._refresh_status()
 
     @ensure_main_thread
+    def _notify_fallback(self, change: str) -> None:
+        from napari.utils.notifications import show_warning
+
+        show_warning(
+            f"{self.layer.name}: now running on {change} (out of memory on the device; "
+            "a smaller tile size keeps it on the GPU)"
+        )
+
+    @ensure_main_thread
     def _error_from_worker(self, message: str) -> None:
         if self.closed:
             return
@@ -362,7 +379,8 @@ class LiveLayer:
         rate = st.megapixels_per_second
         parts = [f"{done}/{needed} tiles on screen"]
         if st.computed:
-            parts.append(f"{len(st.computed)} computed, {rate:.2f} MP/s")
+            where = f" on {self._device_used}" if self._device_used else ""
+            parts.append(f"{len(st.computed)} computed{where}, {rate:.2f} MP/s")
         if st.loaded:
             parts.append(f"{len(st.loaded)} from disk cache")
         if st.error:

@@ -9,6 +9,7 @@ notification plus the status line.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,9 +135,19 @@ class _ModelChooser(Container):
 
 
 def _check_model_async(
-    name_or_path: str, device: str, on_ok: Any, on_error: Any, kind: str
+    name_or_path: str,
+    device: str,
+    on_ok: Any,
+    on_error: Any,
+    kind: str,
+    precision: str | None = None,
 ) -> Any:
-    """Load a model in a worker thread (cached for the renderer), then call back."""
+    """Load a model in a worker thread (cached for the renderer), then call back.
+
+    With ``precision``, also resolve ``"auto"`` device and precision for this model (the
+    one-off CPU bf16 calibration takes a few seconds) and pass ``on_ok`` a settings patch:
+    cache scopes then record what actually computed the pixels.
+    """
     from napari.qt.threading import thread_worker
 
     from napari_confocal_stain.engine.pipeline import get_model
@@ -146,14 +157,21 @@ def _check_model_async(
         # Errors are returned, not raised: a raised error would also reach napari's own
         # exception dialog (two reports for one bad file).
         try:
-            return get_model(name_or_path, device, kind), None
+            model = get_model(name_or_path, device, kind)
+            if precision is None:
+                return model, None
+            from napari_confocal_stain.core.inference import resolve_device, resolve_precision
+
+            dev = resolve_device(device)
+            resolved = resolve_precision(precision, dev, model)
+            return {"device": str(dev), "precision": resolved}, None
         except Exception as exc:
             return None, exc
 
     def done(result: tuple[Any, BaseException | None]) -> None:
-        model, exc = result
+        value, exc = result
         if exc is None:
-            on_ok(model)
+            on_ok(value)
         else:
             on_error(exc)
 
@@ -423,9 +441,9 @@ class GanStainWidget(Container):
         self.status.value = "Loading the model…"
         self.start_button.enabled = False
 
-        def ok(_model: Any) -> None:
+        def ok(resolved: dict) -> None:
             self.start_button.enabled = True
-            self._show(slide, mosaic, settings)
+            self._show(slide, mosaic, replace(settings, **resolved))
 
         def failed(exc: BaseException) -> None:
             from napari.utils.notifications import show_error
@@ -434,7 +452,9 @@ class GanStainWidget(Container):
             self.status.value = f"Not started: {exc}"
             show_error(f"GAN stain: {exc}")
 
-        _check_model_async(settings.model, settings.device, ok, failed, "stain")
+        _check_model_async(
+            settings.model, settings.device, ok, failed, "stain", settings.precision
+        )
         if settings.despeckle is not None:
             _check_model_async(
                 settings.despeckle, settings.device, lambda *_: None, failed, "despeckle"
