@@ -207,6 +207,8 @@ class LinearStainWidget(Container):
         method = self.method.value
         try:
             levels = linear_stain_levels(mosaic.r, mosaic.f, method, **self.coefficients())
+            # Shown as uint8 (lazily): a quarter of the texture napari uploads per slice.
+            levels = [(lvl * 255.0 + 0.5).astype("uint8") for lvl in levels]
         except (ValueError, ConfocalStainError) as exc:
             self.status.value = f"Not stained: {exc}"
             show_error(f"Linear stain: {exc}")
@@ -228,7 +230,7 @@ class LinearStainWidget(Container):
                 levels,
                 rgb=True,
                 multiscale=True,
-                contrast_limits=(0.0, 1.0),
+                contrast_limits=(0, 255),
                 scale=(px, px),
                 units=("um", "um"),
                 axis_labels=("y", "x"),
