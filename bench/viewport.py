@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-mb", type=int, default=256)
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--linear-moves", type=int, default=7)
+    parser.add_argument(
+        "--parts", default="linear,gan,pans", help="comma-separated subset of linear,gan,pans"
+    )
     args = parser.parse_args(argv)
 
     import napari
@@ -100,11 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     camera = viewer.scene.camera
 
+    parts = set(args.parts.split(","))
+    nan = float("nan")
+    lin_s = t_first = ratio_view = grew = nan
+    late = np.array([nan])
+    mismatches = -1
+
     # 1. linear stain of a 1920×1080 full-resolution viewport ---------------------------
     for lyr in viewer.layers:
         lyr.visible = lyr is linear
-    times = []
-    for _ in range(args.linear_moves):
+    times = [nan]
+    for _ in range(args.linear_moves if "linear" in parts else 0):
         cy, cx = rng.uniform(700, 4096 - 700, size=2)
         before = linear._slice.image.raw
         t0 = time.perf_counter()
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = spin_until(lambda b=before: linear._slice.image.raw is not b, 5.0)
         times.append(time.perf_counter() - t0 if ok else float("nan"))
         spin(0.2)
+    times = times[1:] or times
     lin_s = statistics.median(times)
     print(
         f"linear stain, 1920×1080 at level {linear.data_level}: median {lin_s:.3f} s "
@@ -121,167 +131,169 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2 + 3. GAN stain with the bundled U-Net: first tile, whole viewport, latency ----------
     mosaic = linear.metadata["confocal_mosaic"]
-    pipeline = StainPipeline(mosaic, StainSettings(tile=args.tile, precision="fp32"))
-    pipeline.stain_model()  # load once, outside the timing
-    shared_cache(args.cache_mb)
-    live = LiveLayer(
-        viewer,
-        pipeline,
-        "gan",
-        slide="bench",
-        role="gan",
-        tile=args.tile,
-        layer_kwargs={"scale": tuple(linear.scale)},
-    )
-    lateness: list[float] = []
-    probe = QTimer()
-    probe.setInterval(10)
-    last = [time.perf_counter()]
-
-    def tick() -> None:
-        now = time.perf_counter()
-        lateness.append(now - last[0] - 0.010)
-        last[0] = now
-
-    probe.timeout.connect(tick)
-    cy, cx = 2048.0, 2048.0
-    camera.center = (cy * px, cx * px)
-    camera.zoom = 1.0 / px
-    spin_until(lambda: live.layer.live_view is not None and live.layer.live_view[0] == 0, 5)
-    spin(0.3)
-    level, box = live.layer.live_view
-    r = live.renderer
-    visible_tiles = r.tiles_in(level, box)
-    shown_at: dict[tuple, float] = {}
-
-    def landed(lv: int, ty: int, tx: int) -> None:
-        shown_at.setdefault((lv, ty, tx), time.perf_counter())
-
-    live.tile_done.connect(landed)
-    probe.start()
-    last[0] = time.perf_counter()
-    t0 = time.perf_counter()
-    live.request_now()
-    vis_keys = {(level, ty, tx) for ty, tx in visible_tiles}
-    spin_until(lambda: vis_keys <= set(shown_at), 600)
-    t_all = max(shown_at[k] for k in vis_keys) - t0
-    t_first = min(shown_at.values()) - t0
-    spin_until(lambda: not r.busy, 600)
-    probe.stop()
-    late = np.array(lateness[3:]) if len(lateness) > 3 else np.array([0.0])
-    print(
-        f"GAN viewport: level {level}, visible box {box}, {len(visible_tiles)} tiles of "
-        f"{args.tile}² (+{r.margin} px context), load {_load()}"
-    )
-    print(f"  first tile on screen {t_first:.2f} s, whole viewport {t_all:.2f} s")
-    print(
-        f"  event-loop probe: max lateness {late.max() * 1000:.0f} ms, "
-        f"p99 {np.percentile(late, 99) * 1000:.0f} ms over {len(late)} ticks"
-    )
-    # stain_region alone on the same pixels, right after (same process, same load)
-    ty0 = min(t for t, _ in visible_tiles)
-    ty1 = max(t for t, _ in visible_tiles)
-    tx0 = min(t for _, t in visible_tiles)
-    tx1 = max(t for _, t in visible_tiles)
-    tiles_box = (
-        r.tile_box(level, ty0, tx0)[0],
-        r.tile_box(level, ty1, tx1)[1],
-        r.tile_box(level, ty0, tx0)[2],
-        r.tile_box(level, ty1, tx1)[3],
-    )
-    model = pipeline.stain_model()
-
-    def run_alone(b):
-        t = time.perf_counter()
-        lin = pipeline.linear(level, b)
-        stain_region(
-            lin,
-            model,
+    if "gan" in parts:
+        pipeline = StainPipeline(mosaic, StainSettings(tile=args.tile, precision="fp32"))
+        pipeline.stain_model()  # load once, outside the timing
+        shared_cache(args.cache_mb)
+        live = LiveLayer(
+            viewer,
+            pipeline,
+            "gan",
+            slide="bench",
+            role="gan",
             tile=args.tile,
-            precision="fp32",
-            origin=(-b[0] % args.tile, -b[2] % args.tile),
+            layer_kwargs={"scale": tuple(linear.scale)},
         )
-        return time.perf_counter() - t
+        lateness: list[float] = []
+        probe = QTimer()
+        probe.setInterval(10)
+        last = [time.perf_counter()]
 
-    t_tiles = run_alone(tiles_box)
-    t_view = run_alone(box)
-    mp = (tiles_box[1] - tiles_box[0]) * (tiles_box[3] - tiles_box[2]) / 1e6
-    print(
-        f"  stain_region alone: tiles' box {tiles_box} ({mp:.2f} MP) {t_tiles:.2f} s; exact "
-        f"viewport {box} {t_view:.2f} s; load {_load()}"
-    )
-    ratio_view = t_all / t_tiles
-    print(
-        f"  viewer ÷ stain_region on the same pixels: {ratio_view:.2f}; "
-        f"÷ stain_region on the exact viewport: {t_all / t_view:.2f}"
-    )
-    live.close()
-    viewer.layers.remove(live.layer)
+        def tick() -> None:
+            now = time.perf_counter()
+            lateness.append(now - last[0] - 0.010)
+            last[0] = now
+
+        probe.timeout.connect(tick)
+        cy, cx = 2048.0, 2048.0
+        camera.center = (cy * px, cx * px)
+        camera.zoom = 1.0 / px
+        spin_until(lambda: live.layer.live_view is not None and live.layer.live_view[0] == 0, 5)
+        spin(0.3)
+        level, box = live.layer.live_view
+        r = live.renderer
+        visible_tiles = r.tiles_in(level, box)
+        shown_at: dict[tuple, float] = {}
+
+        def landed(lv: int, ty: int, tx: int) -> None:
+            shown_at.setdefault((lv, ty, tx), time.perf_counter())
+
+        live.tile_done.connect(landed)
+        probe.start()
+        last[0] = time.perf_counter()
+        t0 = time.perf_counter()
+        live.request_now()
+        vis_keys = {(level, ty, tx) for ty, tx in visible_tiles}
+        spin_until(lambda: vis_keys <= set(shown_at), 600)
+        t_all = max(shown_at[k] for k in vis_keys) - t0
+        t_first = min(shown_at.values()) - t0
+        spin_until(lambda: not r.busy, 600)
+        probe.stop()
+        late = np.array(lateness[3:]) if len(lateness) > 3 else np.array([0.0])
+        print(
+            f"GAN viewport: level {level}, visible box {box}, {len(visible_tiles)} tiles of "
+            f"{args.tile}² (+{r.margin} px context), load {_load()}"
+        )
+        print(f"  first tile on screen {t_first:.2f} s, whole viewport {t_all:.2f} s")
+        print(
+            f"  event-loop probe: max lateness {late.max() * 1000:.0f} ms, "
+            f"p99 {np.percentile(late, 99) * 1000:.0f} ms over {len(late)} ticks"
+        )
+        # stain_region alone on the same pixels, right after (same process, same load)
+        ty0 = min(t for t, _ in visible_tiles)
+        ty1 = max(t for t, _ in visible_tiles)
+        tx0 = min(t for _, t in visible_tiles)
+        tx1 = max(t for _, t in visible_tiles)
+        tiles_box = (
+            r.tile_box(level, ty0, tx0)[0],
+            r.tile_box(level, ty1, tx1)[1],
+            r.tile_box(level, ty0, tx0)[2],
+            r.tile_box(level, ty1, tx1)[3],
+        )
+        model = pipeline.stain_model()
+
+        def run_alone(b):
+            t = time.perf_counter()
+            lin = pipeline.linear(level, b)
+            stain_region(
+                lin,
+                model,
+                tile=args.tile,
+                precision="fp32",
+                origin=(-b[0] % args.tile, -b[2] % args.tile),
+            )
+            return time.perf_counter() - t
+
+        t_tiles = run_alone(tiles_box)
+        t_view = run_alone(box)
+        mp = (tiles_box[1] - tiles_box[0]) * (tiles_box[3] - tiles_box[2]) / 1e6
+        print(
+            f"  stain_region alone: tiles' box {tiles_box} ({mp:.2f} MP) {t_tiles:.2f} s; exact "
+            f"viewport {box} {t_view:.2f} s; load {_load()}"
+        )
+        ratio_view = t_all / t_tiles
+        print(
+            f"  viewer ÷ stain_region on the same pixels: {ratio_view:.2f}; "
+            f"÷ stain_region on the exact viewport: {t_all / t_view:.2f}"
+        )
+        live.close()
+        viewer.layers.remove(live.layer)
 
     # 4. 500 random pans / zooms with a bounded cache --------------------------------------
-    tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_viewport_affine.safetensors")
-    save_checkpoint(tmp, build_model("affine"), architecture="affine")
-    cheap = StainPipeline(mosaic, StainSettings(model=tmp, tile=args.tile, precision="fp32"))
-    cheap.stain_model()
-    cache = shared_cache(args.cache_mb)
-    cache.invalidate()
-    live = LiveLayer(
-        viewer,
-        cheap,
-        "gan",
-        slide="bench",
-        role="gan",
-        tile=args.tile,
-        layer_kwargs={"scale": tuple(linear.scale)},
-    )
-    # Only the live layer is shown: napari's own dask cache (for the dask-backed R, F and
-    # linear layers) is napari's memory, not the renderer's.
-    linear.visible = False
-    import gc
+    if "pans" in parts:
+        tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_viewport_affine.safetensors")
+        save_checkpoint(tmp, build_model("affine"), architecture="affine")
+        cheap = StainPipeline(mosaic, StainSettings(model=tmp, tile=args.tile, precision="fp32"))
+        cheap.stain_model()
+        cache = shared_cache(args.cache_mb)
+        cache.invalidate()
+        live = LiveLayer(
+            viewer,
+            cheap,
+            "gan",
+            slide="bench",
+            role="gan",
+            tile=args.tile,
+            layer_kwargs={"scale": tuple(linear.scale)},
+        )
+        # Only the live layer is shown: napari's own dask cache (for the dask-backed R, F and
+        # linear layers) is napari's memory, not the renderer's.
+        linear.visible = False
+        import gc
 
-    gc.collect()
-    spin(0.5)
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
+        gc.collect()
+        spin(0.5)
+        base = proc.memory_info().rss
+        peak = [base]
+        stop = threading.Event()
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.005)
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.005)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    checked = mismatches = 0
-    for i in range(args.pans):
-        zoom = float(rng.choice([0.125, 0.25, 0.5, 1.0, 2.0])) / px
-        cy, cx = rng.uniform(0, 4096, size=2)
-        camera.center = (cy * px, cx * px)
-        camera.zoom = zoom
-        spin(float(rng.uniform(0.01, 0.15)))
-        if (i + 1) % args.check_every == 0:
-            live.request_now()
-            spin_until(lambda: not live.renderer.busy, 120)
-            spin(0.3)
-            shown = np.asarray(live.layer._slice.image.raw)
-            lv = live.layer.data_level
-            cp = live.layer.corner_pixels
-            sbox = (int(cp[0, 0]), int(cp[1, 0]) + 1, int(cp[0, 1]), int(cp[1, 1]) + 1)
-            expect = _expected(live.renderer, cheap, lv, sbox, to_uint8, stain_region)
-            checked += 1
-            mismatches += int(not np.array_equal(shown, expect))
-    stop.set()
-    sampler.join()
-    grew = (peak[0] - base) / 2**20
-    print(
-        f"{args.pans} random pans/zooms (cheap affine model, cache bound {args.cache_mb} MB): "
-        f"peak RSS {peak[0] / 2**20:.0f} MB, {grew:.0f} MB above the {base / 2**20:.0f} MB "
-        f"baseline; cache holds {cache.nbytes / 2**20:.0f} MB; "
-        f"{len(live.renderer.stats.computed)} tiles computed, "
-        f"{len(live.renderer.stats.cancelled)} cancelled; "
-        f"{checked} views checked pixel for pixel, {mismatches} mismatches"
-    )
-    live.close()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        checked = mismatches = 0
+        for i in range(args.pans):
+            zoom = float(rng.choice([0.125, 0.25, 0.5, 1.0, 2.0])) / px
+            cy, cx = rng.uniform(0, 4096, size=2)
+            camera.center = (cy * px, cx * px)
+            camera.zoom = zoom
+            spin(float(rng.uniform(0.01, 0.15)))
+            if (i + 1) % args.check_every == 0:
+                live.request_now()
+                spin_until(lambda: not live.renderer.busy, 120)
+                spin(0.3)
+                shown = np.asarray(live.layer._slice.image.raw)
+                lv = live.layer.data_level
+                cp = live.layer.corner_pixels
+                sbox = (int(cp[0, 0]), int(cp[1, 0]) + 1, int(cp[0, 1]), int(cp[1, 1]) + 1)
+                expect = _expected(live.renderer, cheap, lv, sbox, to_uint8, stain_region)
+                checked += 1
+                mismatches += int(not np.array_equal(shown, expect))
+        stop.set()
+        sampler.join()
+        grew = (peak[0] - base) / 2**20
+        print(
+            f"{args.pans} random pans/zooms (cheap affine model, cache bound {args.cache_mb} MB): "
+            f"peak RSS {peak[0] / 2**20:.0f} MB, {grew:.0f} MB above the {base / 2**20:.0f} MB "
+            f"baseline; cache holds {cache.nbytes / 2**20:.0f} MB; "
+            f"{len(live.renderer.stats.computed)} tiles computed, "
+            f"{len(live.renderer.stats.cancelled)} cancelled; "
+            f"{checked} views checked pixel for pixel, {mismatches} mismatches"
+        )
+        live.close()
     viewer.close()
     print(
         f"targets: linear {lin_s:.3f} s (< 0.1); first GAN tile {t_first:.2f} s (< 1); "
