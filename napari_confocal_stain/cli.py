@@ -5,6 +5,8 @@ Subcommands::
     confocal-stain info PATH [--f-path F] [--channels R,F] [--normalization MODE]
     confocal-stain synth OUT --size 30000x30000 --seed 1 [--looks 5] [--dtype uint8]
     confocal-stain sample            # prints the bundled sample slide's folder
+    confocal-stain stain SLIDE --out OUT.ome.zarr|OUT.ome.tif [--method linear|gan] [--resume]
+    confocal-stain batch SLIDES... --out-dir DIR
     confocal-stain metrics SLIDE [--model M] [--strategy S ...] [--cell 512] [--csv C] [--plot P]
 
 Errors the user can cause (bad paths, bad files, bad options) print one line to
@@ -114,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
 
     # Subcommands that live in their own modules (each registers `func=run`).
-    from napari_confocal_stain import cli_metrics
+    from napari_confocal_stain import cli_export, cli_metrics
 
+    cli_export.add_parsers(sub)
     cli_metrics.add_parser(sub)
     return parser
 

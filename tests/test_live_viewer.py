@@ -251,3 +251,47 @@ def test_cache_bound_holds_while_browsing(panel, qtbot, affine_file):
     qtbot.waitUntil(lambda: not live.renderer.busy, timeout=120_000)
     assert cache.nbytes <= 64 * 2**20
     shared_cache(768)
+
+
+def test_export_button_writes_a_readable_pyramid_in_the_background(panel, qtbot, tmp_path):
+    import tifffile
+
+    from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings
+
+    viewer, widget = panel
+    gan = widget.gan
+    gan.export_what.value = "linear"
+    out = tmp_path / "exported.ome.tif"
+    worker = gan.export(out)
+    assert worker is not None and not gan.export_button.enabled
+    qtbot.waitUntil(lambda: gan.export_button.enabled, timeout=120_000)
+    assert "Exported" in gan.export_status.value, gan.export_status.value
+    with tifffile.TiffFile(out) as tif:
+        level0 = tif.series[0].levels[0].asarray()
+        assert len(tif.series[0].levels) >= 2
+    mosaic = viewer.layers[0].metadata["confocal_mosaic"]
+    expect = to_uint8(StainPipeline(mosaic, StainSettings()).linear(0, (0, 1024, 0, 1536)))
+    assert level0.shape == expect.shape
+    assert np.abs(level0.astype(int) - expect).max() <= 1
+    # A second export to the same name is refused (nothing overwritten), with one message.
+    gan.export(out)
+    qtbot.waitUntil(lambda: gan.export_button.enabled, timeout=30_000)
+    assert "failed" in gan.export_status.value and "exists" in gan.export_status.value
+
+
+def test_exported_ome_zarr_opens_in_napari_as_one_rgb_layer(
+    make_napari_viewer, synthetic_slide, tmp_path
+):
+    from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings
+    from napari_confocal_stain.export import export_slide
+    from napari_confocal_stain.io.readers import open_mosaic
+
+    out = export_slide(synthetic_slide, tmp_path / "stain.ome.zarr", method="linear")
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(out), plugin="napari-confocal-stain")
+    assert len(layers) == 1 and layers[0].rgb and layers[0].multiscale
+    assert layers[0].scale[-1] == pytest.approx(0.75)
+    mosaic = open_mosaic(synthetic_slide)
+    expect = to_uint8(StainPipeline(mosaic, StainSettings()).linear(0, (0, 512, 0, 512)))
+    got = np.asarray(layers[0].data[0][:512, :512])
+    assert np.abs(got.astype(int) - expect).max() <= 1

@@ -77,10 +77,63 @@ def get_reader(path: str | Sequence[str]) -> Callable[[Any], list] | None:
         return None
     p = Path(path)
     try:
+        if _export_attrs(p) is not None:
+            return read_export
         claimed = _claims(p)
     except OSError:
         return None
     return read_mosaic if claimed else None
+
+
+def _export_attrs(path: Path) -> dict | None:
+    """The NGFF attributes of an OME-Zarr this plugin exported (a stain), else None."""
+    import json
+
+    attrs = path / ".zattrs"
+    if path.suffix.lower() != ".zarr" or not attrs.is_file():
+        return None
+    try:
+        meta = json.loads(attrs.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if "napari_confocal_stain" in meta and "multiscales" in meta else None
+
+
+def read_export(path: str) -> list:
+    """Open an exported stain (``confocal-stain stain … --out X.ome.zarr``) as one layer.
+
+    The export stores ``(c, y, x)`` levels (NGFF wants channels first); napari gets lazy
+    ``(y, x, c)`` views, RGB when there are three channels, in µm.
+    """
+    import dask.array as da
+
+    p = Path(path)
+    meta = _export_attrs(p)
+    if meta is None:
+        return []
+    ms = meta["multiscales"][0]
+    levels, scale = [], None
+    for ds in ms["datasets"]:
+        arr = da.from_zarr(str(p / ds["path"]))
+        levels.append(arr.transpose(1, 2, 0) if arr.shape[0] in (1, 3) else arr)
+        if scale is None:
+            for t in ds.get("coordinateTransformations", []):
+                if t.get("type") == "scale":
+                    scale = tuple(float(v) for v in t["scale"][-2:])
+    rgb = levels[0].shape[-1] == 3
+    if not rgb:
+        levels = [lvl[..., 0] for lvl in levels]
+    name = ms.get("name") or p.name.removesuffix(".ome.zarr").removesuffix(".zarr")
+    kwargs = {
+        "name": name,
+        "multiscale": True,
+        "rgb": rgb,
+        "contrast_limits": (0, 255),
+        "metadata": {"export": meta["napari_confocal_stain"]},
+    }
+    if scale is not None:
+        kwargs.update(scale=scale, units=("um", "um"))
+    return [(levels, kwargs, "image")]
 
 
 def _open(path: str | Sequence[str]):

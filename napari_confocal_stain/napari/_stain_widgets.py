@@ -367,10 +367,33 @@ class GanStainWidget(Container):
         self.start_button = PushButton(text="Start")
         self.stop_button = PushButton(text="Stop")
         self.status = Label(value="")
+        self.export_path = FileEdit(
+            label="Export to",
+            mode="w",
+            filter="*.ome.zarr *.ome.tif",
+            tooltip="Pyramidal OME-Zarr (folder *.ome.zarr) or tiled OME-TIFF (*.ome.tif), "
+            "readable by QuPath; refused inside the slide's own folder",
+        )
+        self.export_what = ComboBox(
+            label="Export",
+            choices=[
+                ("GAN stain", "gan"),
+                ("Linear stain", "linear"),
+                ("Despeckled R", "despeckled-r"),
+            ],
+            value="gan",
+        )
+        self.export_button = PushButton(text="Export whole slide")
+        self.export_cancel = PushButton(text="Cancel export", enabled=False)
+        self.export_status = Label(value="")
         buttons = Container(
             widgets=[self.start_button, self.stop_button], layout="horizontal", labels=False
         )
         buttons.margins = (0, 0, 0, 0)
+        export_buttons = Container(
+            widgets=[self.export_button, self.export_cancel], layout="horizontal", labels=False
+        )
+        export_buttons.margins = (0, 0, 0, 0)
         super().__init__(
             widgets=[
                 self.slide,
@@ -383,10 +406,20 @@ class GanStainWidget(Container):
                 self.cache_mb,
                 buttons,
                 self.status,
+                Label(value="<b>Export</b>"),
+                self.export_what,
+                self.export_path,
+                export_buttons,
+                self.export_status,
             ],
             labels=True,
         )
         _wrap(self.status)
+        _wrap(self.export_status)
+        self._export_worker: Any = None
+        self._export_cancelled = False
+        self.export_button.changed.connect(lambda *_: self.export())
+        self.export_cancel.changed.connect(lambda *_: self.cancel_export())
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
         for w in (
@@ -500,6 +533,123 @@ class GanStainWidget(Container):
     def despeckle_changed(self) -> None:
         """Follow the despeckle widget's choice (called by the panel)."""
         self._params_changed()
+
+    # -- export ------------------------------------------------------------------------
+    def export(self, out: str | Path | None = None) -> Any:
+        """Export the whole slide in the background (resumes an interrupted export).
+
+        Same settings as the view (model, strategy, device, despeckling); the result is a
+        pyramidal OME-Zarr or OME-TIFF (see ``docs/export.md``). Returns the worker.
+        """
+        from napari.qt.threading import thread_worker
+
+        from napari_confocal_stain.export import export_slide
+
+        slide = _chosen_slide(self.slide, self._viewer)
+        mosaic = _mosaic(self._viewer, slide) if slide else None
+        settings = self.settings()
+        target = Path(out) if out is not None else Path(self.export_path.value or "")
+        if mosaic is None:
+            self.export_status.value = "Open a slide first."
+            return None
+        if settings is None:
+            self.export_status.value = "Choose a checkpoint file (or a bundled model)."
+            return None
+        suffixes = (".ome.zarr", ".ome.tif", ".ome.tiff")
+        if not target.name or not target.name.lower().endswith(suffixes):
+            self.export_status.value = "Choose an output name ending in .ome.zarr or .ome.tif."
+            return None
+        what = str(self.export_what.value)
+        if what == "despeckled-r" and settings.despeckle is None:
+            desp = self._despeckle.model.choice if self._despeckle is not None else None
+            settings = replace(settings, despeckle=desp or DEFAULT_DESPECKLE_MODEL)
+        resume = (target.parent / f".{target.name}.partial").exists()
+        self._export_cancelled = False
+
+        state = {"done": 0, "total": 1}  # written by the worker, read by a main-thread timer
+
+        @thread_worker
+        def _run():
+            def progress(done: int, total: int) -> None:
+                state.update(done=done, total=total)
+
+            def cancel() -> bool:
+                return self._export_cancelled
+
+            # Errors are returned, not raised (one report, in our status line).
+            try:
+                path = export_slide(
+                    mosaic,
+                    target,
+                    settings=settings,
+                    method="linear" if what == "linear" else "gan",
+                    what="despeckled-r" if what == "despeckled-r" else "stain",
+                    resume=resume,
+                    progress=progress,
+                    cancel=cancel,
+                )
+                return path, None
+            except Exception as exc:
+                return None, exc
+
+        worker = _run()
+        self._export_worker = worker
+        self.export_button.enabled = False
+        self.export_cancel.enabled = True
+        verb = "Resuming" if resume else "Exporting"
+        self.export_status.value = f"{verb} {slide} → {target.name}…"
+        pbar = None
+        try:
+            from napari.utils import progress as napari_progress
+
+            pbar = napari_progress(total=100, desc=f"Export {target.name}")
+        except Exception:  # the progress bar is a nicety
+            pbar = None
+
+        from qtpy.QtCore import QTimer
+
+        timer = QTimer()
+        timer.setInterval(500)
+
+        def poll() -> None:
+            pct = int(100 * state["done"] / max(state["total"], 1))
+            self.export_status.value = f"{verb} {slide} → {target.name}: {pct} %"
+            if pbar is not None:
+                pbar.n = pct
+                pbar.refresh()
+
+        timer.timeout.connect(poll)
+
+        def finished(result: tuple[Any, BaseException | None]) -> None:
+            from napari.utils.notifications import show_error, show_info
+
+            timer.stop()
+            if pbar is not None:
+                pbar.close()
+            self.export_button.enabled = True
+            self.export_cancel.enabled = False
+            path, exc = result
+            if exc is None:
+                self.export_status.value = f"Exported {path}"
+                show_info(f"Exported {slide} to {path}")
+            elif self._export_cancelled:
+                self.export_status.value = (
+                    f"Export cancelled; export to {target.name} again to resume."
+                )
+            else:
+                self.export_status.value = f"Export failed: {exc}"
+                show_error(f"Export: {exc}")
+
+        worker.returned.connect(finished)
+        timer.start()
+        worker.start()
+        return worker
+
+    def cancel_export(self) -> None:
+        """Stop the running export between chunks (it can be resumed later)."""
+        if self._export_worker is not None:
+            self._export_cancelled = True
+            self.export_status.value = "Cancelling after the current chunk…"
 
 
 class CompareWidget(Container):

@@ -1,0 +1,239 @@
+"""``confocal-stain stain`` and ``confocal-stain batch``: whole-slide export from the shell.
+
+::
+
+    confocal-stain stain SLIDE --out OUT.ome.zarr|OUT.ome.tif [--method linear|gan]
+        [--what stain|despeckled-r] [--model NAME|PATH] [--strategy S] [--despeckle [NAME|PATH]]
+        [--tile N] [--stats-tile N] [--context N] [--device D] [--precision P]
+        [--region y0:y1,x0:x1] [--compression deflate|jpeg|lzw|none]
+        [--resume] [--overwrite] [--scheduler ADDRESS|local] [--workers N] [--quiet]
+    confocal-stain batch SLIDES... --out-dir DIR [--format ome.zarr|ome.tif] [same options]
+
+``cli.py`` adds these with :func:`add_parsers` and calls ``args.func(args)``; errors the
+user can cause raise :class:`~napari_confocal_stain.errors.ConfocalStainError`, which the
+main entry prints as one line (exit status 2). :func:`main` does the same standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from napari_confocal_stain.errors import ConfocalStainError, MosaicError
+from napari_confocal_stain.models.defaults import DEFAULT_DESPECKLE_MODEL, DEFAULT_STAIN_MODEL
+
+__all__ = ["add_parsers", "main", "run_batch", "run_stain"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from napari_confocal_stain.core.tiling import STRATEGIES
+
+    p.add_argument("--method", choices=("linear", "gan"), default="gan", help="default: gan")
+    p.add_argument(
+        "--what",
+        choices=("stain", "despeckled-r"),
+        default="stain",
+        help="the RGB stain (default) or the despeckled reflectance (grey)",
+    )
+    p.add_argument("--model", default=DEFAULT_STAIN_MODEL, help="GAN generator name or path")
+    p.add_argument("--strategy", choices=STRATEGIES, default="seamless", help="GAN tiling")
+    p.add_argument(
+        "--despeckle",
+        nargs="?",
+        const=DEFAULT_DESPECKLE_MODEL,
+        default=None,
+        metavar="MODEL",
+        help=f"despeckle R before staining (default model: {DEFAULT_DESPECKLE_MODEL})",
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=1024,
+        help="export chunk side in px: the unit of work and resumption (default 1024)",
+    )
+    p.add_argument(
+        "--stats-tile",
+        type=int,
+        default=512,
+        help="the GAN's statistics tile (the scale it was trained at; default 512)",
+    )
+    p.add_argument("--context", type=int, default=None, help="GAN context per chunk side")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument(
+        "--compression",
+        choices=("deflate", "jpeg", "lzw", "none"),
+        default="deflate",
+        help="OME-TIFF codec (default deflate, lossless)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted export")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="dask.distributed scheduler address, or 'local' for a local cluster "
+        "(default: threads in this process)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="threads or local workers")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add the ``stain`` and ``batch`` subcommands to ``confocal-stain``'s subparsers.
+
+    Parameters
+    ----------
+    subparsers
+        What ``ArgumentParser.add_subparsers`` returned; each subcommand sets ``func``.
+    """
+    stain = subparsers.add_parser(
+        "stain",
+        help="export a slide's stain (or despeckled R) as pyramidal OME-Zarr / OME-TIFF",
+        description="Stain a whole slide (or --region) chunk by chunk and write it as a "
+        "pyramidal OME-Zarr or tiled OME-TIFF. Interrupted runs continue with --resume.",
+    )
+    stain.add_argument("slide", type=Path, help="slide (any layout `confocal-stain info` reads)")
+    stain.add_argument("--out", type=Path, required=True, help="OUT.ome.zarr or OUT.ome.tif")
+    stain.add_argument("--region", default=None, help="y0:y1,x0:x1 in level-0 px")
+    _add_common(stain)
+    stain.set_defaults(func=run_stain)
+
+    batch = subparsers.add_parser(
+        "batch",
+        help="export many slides into one folder (one cluster for all)",
+        description="Export every SLIDE to OUT_DIR/<slide name>.<format>. A slide that fails "
+        "is reported and the rest continue; the exit status is 2 if any failed.",
+    )
+    batch.add_argument("slides", type=Path, nargs="+", help="slides to export")
+    batch.add_argument("--out-dir", type=Path, required=True, help="output folder")
+    batch.add_argument("--format", choices=("ome.zarr", "ome.tif"), default="ome.zarr")
+    _add_common(batch)
+    batch.set_defaults(func=run_batch)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from napari_confocal_stain.engine.pipeline import StainSettings
+
+    return StainSettings(
+        despeckle=args.despeckle,
+        model=args.model,
+        strategy=args.strategy,
+        tile=args.stats_tile,
+        device=args.device,
+        precision=args.precision,
+    )
+
+
+class _Bar:
+    """A tqdm bar in output pixels (rate in px/s and ETA) on stderr."""
+
+    def __init__(self, desc: str, quiet: bool) -> None:
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=done, desc=self.desc, unit="px", unit_scale=True,
+                file=sys.stderr,
+            )  # fmt: skip
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _export(slide: Path, out: Path, args: argparse.Namespace, scheduler: Any, region: Any) -> Path:
+    from napari_confocal_stain.export import export_slide
+
+    bar = _Bar(out.name, args.quiet)
+    try:
+        return export_slide(
+            slide,
+            out,
+            settings=_settings(args),
+            method=args.method,
+            what=args.what,
+            region=region,
+            tile=args.tile,
+            context=args.context,
+            compression=args.compression,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=bar,
+            scheduler=scheduler,
+            workers=args.workers,
+        )
+    except ValueError as exc:
+        if isinstance(exc, ConfocalStainError):
+            raise
+        raise MosaicError(slide, str(exc)) from None
+    finally:
+        bar.close()
+
+
+def run_stain(args: argparse.Namespace) -> int:
+    """``confocal-stain stain``: export one slide; prints the output path."""
+    print(_export(args.slide, args.out, args, args.scheduler, args.region))
+    return 0
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """``confocal-stain batch``: export each slide; one cluster client serves them all."""
+    from napari_confocal_stain.export.distributed import DaskPool
+
+    pool = None if args.scheduler is None else DaskPool(args.scheduler, args.workers)
+    failed = 0
+    try:
+        scheduler = None if pool is None else pool.client
+        names: set[str] = set()
+        for slide in args.slides:
+            stem = slide.name.removesuffix(".ome.zarr").removesuffix(".ome.tif")
+            stem = stem.rsplit(".", 1)[0] if slide.is_file() else stem
+            if stem in names:
+                stem = f"{stem}-{len(names)}"
+            names.add(stem)
+            out = args.out_dir / f"{stem}.{args.format}"
+            if args.resume and out.exists() and not _partial(out).exists():
+                print(f"{out} (already done)")
+                continue
+            try:
+                print(_export(slide, out, args, scheduler, None))
+            except ConfocalStainError as exc:
+                failed += 1
+                print(f"confocal-stain batch: error: {exc}", file=sys.stderr)
+    finally:
+        if pool is not None:
+            pool.close()
+    return 2 if failed else 0
+
+
+def _partial(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``stain``/``batch`` standalone (``python -m napari_confocal_stain.cli_export``)."""
+    parser = argparse.ArgumentParser(prog="confocal-stain")
+    add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfocalStainError as exc:
+        print(f"confocal-stain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("confocal-stain: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
