@@ -190,11 +190,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``confocal-stain``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handler = getattr(args, "func", None) or {
-        "info": _cmd_info,
-        "synth": _cmd_synth,
-        "sample": _cmd_sample,
-    }[args.command]
+    handler = (
+        getattr(args, "func", None)
+        or {
+            "info": _cmd_info,
+            "synth": _cmd_synth,
+            "sample": _cmd_sample,
+        }[args.command]
+    )
     try:
         return handler(args)
     except ConfocalStainError as exc:

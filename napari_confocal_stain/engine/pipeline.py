@@ -48,6 +48,7 @@ __all__ = [
     "get_model",
     "read_array",
     "to_uint8",
+    "warm_up",
 ]
 
 Box = tuple[int, int, int, int]
@@ -176,6 +177,22 @@ def read_array(arr: Any) -> np.ndarray:
     if hasattr(arr, "dask"):
         arr = arr.compute(callbacks=())
     return np.asarray(arr, dtype=np.float32)
+
+
+def warm_up(
+    model: nn.Module, size: int, *, tile: int, precision: str = "fp32", device: str = "auto"
+) -> None:
+    """Run the engine once on a ``size²`` input so the first real tile is fast.
+
+    oneDNN (and cuDNN) build their kernels for each new input shape on first use: the first
+    544² U-Net tile costs several times the next ones on this CPU. Call it where waiting is
+    expected (while "Loading the model…"), with the shape the renderer will use.
+    """
+    from napari_confocal_stain.core.inference import stain_region
+
+    grey = np.full((size, size, 3), 0.5, dtype=np.float32)  # tissue-like: not skipped
+    stain_region(grey, model, tile=tile, precision=precision, device=device,
+                 skip_background=False)  # fmt: skip
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -141,12 +141,14 @@ def _check_model_async(
     on_error: Any,
     kind: str,
     precision: str | None = None,
+    warm_size: tuple[int, int] | None = None,
 ) -> Any:
     """Load a model in a worker thread (cached for the renderer), then call back.
 
     With ``precision``, also resolve ``"auto"`` device and precision for this model (the
     one-off CPU bf16 calibration takes a few seconds) and pass ``on_ok`` a settings patch:
-    cache scopes then record what actually computed the pixels.
+    cache scopes then record what actually computed the pixels. ``warm_size`` =
+    ``(side, tile)`` runs the model once on a tile-shaped input (see ``warm_up``).
     """
     from napari.qt.threading import thread_worker
 
@@ -164,6 +166,11 @@ def _check_model_async(
 
             dev = resolve_device(device)
             resolved = resolve_precision(precision, dev, model)
+            if warm_size:
+                from napari_confocal_stain.engine.pipeline import warm_up
+
+                warm_up(model, warm_size[0], tile=warm_size[1], precision=resolved,
+                        device=str(dev))  # fmt: skip
             return {"device": str(dev), "precision": resolved}, None
         except Exception as exc:
             return None, exc
@@ -485,9 +492,13 @@ class GanStainWidget(Container):
             self.status.value = f"Not started: {exc}"
             show_error(f"GAN stain: {exc}")
 
+        from napari_confocal_stain.napari._live import GAN_MARGIN
+
+        side = settings.tile + 2 * min(GAN_MARGIN, settings.tile // 2)
         _check_model_async(
-            settings.model, settings.device, ok, failed, "stain", settings.precision
-        )
+            settings.model, settings.device, ok, failed, "stain", settings.precision,
+            warm_size=(side, settings.tile),
+        )  # fmt: skip
         if settings.despeckle is not None:
             _check_model_async(
                 settings.despeckle, settings.device, lambda *_: None, failed, "despeckle"
