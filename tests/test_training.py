@@ -350,7 +350,8 @@ def test_cyclegan_smoke_resume_is_identical(he_slide: Path, tmp_path: Path) -> N
 def test_gan_poc_smoke_prints_ks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["gan-poc", "--config", "smoke", "--out", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("KS statistic") == 2 and "thesis: 0.1023" in printed
+    assert printed.count("KS vs N(0,1)") == 2 and "thesis: 0.1023" in printed
+    assert printed.count("KS normality") == 2
     with (tmp_path / "results.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     ours = [r for r in rows if r["loss"] in ("mse", "adversarial")]
@@ -358,6 +359,126 @@ def test_gan_poc_smoke_prints_ks(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert all(0 <= float(r["ks_statistic"]) <= 1 and 0 <= float(r["p_value"]) <= 1 for r in ours)
     mse = next(r for r in ours if r["loss"] == "mse")
     assert float(mse["std"]) < 0.5  # the MSE optimum ignores the noise: a collapsed sample
+
+
+# ------------------------------------------------------------------- structure (issue 8)
+
+
+def _nuclei_scene(centres: list[tuple[int, int]], size: int = 96) -> np.ndarray:
+    """Gaussian blobs (σ 2.5 px) at ``centres``, peak 1: an F-like nuclear map."""
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((size, size))
+    for cy, cx in centres:
+        out = np.maximum(out, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 2.5**2)))
+    return out
+
+
+def _he_like(nuclei: np.ndarray) -> torch.Tensor:
+    """Pink eosin background with purple hematoxylin where ``nuclei`` is high, in [-1, 1]."""
+    pink, purple = np.array([0.93, 0.6, 0.75]), np.array([0.35, 0.2, 0.55])
+    rgb = pink * (1 - nuclei[..., None]) + purple * nuclei[..., None]
+    return torch.from_numpy(rgb.transpose(2, 0, 1)[None] * 2 - 1).float()
+
+
+def test_hematoxylin_density_matches_skimage() -> None:
+    from skimage.color import rgb2hed
+
+    from training.structure import hematoxylin_density
+
+    rgb = np.random.default_rng(0).uniform(0, 1, (2, 3, 17, 19))
+    rgb[0, :, 0, 0] = 0.0  # the log clamp
+    ours = hematoxylin_density(torch.from_numpy(rgb)).numpy()[:, 0]
+    ref = np.stack([np.maximum(rgb2hed(im.transpose(1, 2, 0))[..., 0], 0) for im in rgb])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_hematoxylin_loss_is_differentiable_and_rewards_matching_nuclei() -> None:
+    from training.structure import hematoxylin_loss
+
+    centres = [(20, 20), (20, 70), (50, 45), (75, 25), (76, 74)]
+    f = torch.from_numpy(_nuclei_scene(centres))[None, None].float()
+    match = _he_like(_nuclei_scene(centres))
+    erased = _he_like(_nuclei_scene(centres[:2]))  # three nuclei erased
+    moved = _he_like(_nuclei_scene([(y, (x + 40) % 96) for y, x in centres]))
+    losses = {k: hematoxylin_loss(v, f).item() for k, v in
+              {"match": match, "erased": erased, "moved": moved}.items()}  # fmt: skip
+    assert losses["match"] < 0.1
+    assert losses["match"] < losses["erased"] - 0.2 and losses["match"] < losses["moved"] - 0.5
+
+    # Gradient descent on the output's pixels, from the erased image, restores the nuclei.
+    logits = torch.atanh(erased.clamp(-0.999, 0.999)).requires_grad_(True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    start = hematoxylin_loss(torch.tanh(logits), f)
+    start.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    for _ in range(30):
+        opt.zero_grad()
+        loss = hematoxylin_loss(torch.tanh(logits), f)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * start.item()
+
+
+def test_ks_fitted_is_the_theses_test_of_normality() -> None:
+    """A collapsed, tiny-spread but normal-shaped sample fails vs N(0, 1), passes normality."""
+    from training.gan_poc import ks_normal
+
+    gen = torch.nn.Linear(5, 1)
+    with torch.no_grad():  # −0.05 + 0.003·Σz: Irwin–Hall of 5 uniforms, close to normal
+        gen.weight.fill_(0.003)
+        gen.bias.fill_(-0.05)
+    res = ks_normal(gen, 300, seed=0)
+    assert res["ks_statistic"] > 0.4 and res["p_value"] < 1e-10
+    assert res["ks_fitted"] < 0.08 and res["p_fitted"] > 0.05
+    assert res["mean"] == pytest.approx(-0.05, abs=2e-3)
+
+
+def test_amp_setting_is_device_generic() -> None:
+    from training.cyclegan import amp_dtype
+
+    cpu = torch.device("cpu")
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    assert amp_dtype("auto", cpu) is None and amp_dtype(False, cpu) is None
+    with pytest.raises(ValueError, match="bf16"):
+        amp_dtype(True, cpu)
+    with pytest.raises(ValueError, match="amp must be"):
+        amp_dtype("fp8", cpu)
+
+
+def test_cyclegan_structure_options_and_bf16_amp_on_cpu(he_slide: Path, tmp_path: Path) -> None:
+    """Conditional D + hematoxylin loss + bf16 autocast/GradScaler on the CPU, then init_from."""
+    base = tmp_path / "base"
+    common = ["cyclegan", "--config", "smoke", "--no-progress", *_data_args(he_slide)]
+    opts = [
+        "--set", "discriminator.conditional=true",
+        "--set", "loss.lambda_hema=2",
+        "--set", 'amp="bf16"',
+    ]  # fmt: skip
+    assert main([*common, "--out", str(base), *opts]) == 0
+    st = load_state(base / "state.safetensors")
+    assert st["D_B"]["model.0.weight"].shape[1] == 6  # (DSCM, H&E) pairs
+    assert st["scaler"] and float(st["scaler"]["scale"]) > 0  # the GradScaler path ran
+    with (base / "log.csv").open() as fh:
+        log = list(csv.DictReader(fh))
+    assert all(0 < float(r["hema"]) <= 4 and math.isfinite(float(r["loss_G"])) for r in log)
+    g = load_model(base / "G_AB.safetensors", device="cpu")
+    training = g.checkpoint_meta["training"]
+    assert training["loss"]["lambda_hema"] == 2 and training["discriminator"]["conditional"]
+
+    # Fine-tune from that run: G_AB starts from its weights; a plain D_B (3 channels) cannot
+    # take the conditional one's and starts fresh instead of failing.
+    tuned = tmp_path / "tuned"
+    init = ["--set", f"init_from={json.dumps(str(base / 'state.safetensors'))}"]
+    sched = ["--set", "schedule.epochs=1", "--set", "schedule.crops=[[0, 64]]"]
+    assert main([*common, "--out", str(tuned), *init, *sched, "--set", "stop_at=1"]) == 0
+    first = load_state(tuned / "state.safetensors")
+    assert first["D_B"]["model.0.weight"].shape[1] == 3
+    moved = [
+        (first["G_AB"][k] - st["G_AB"][k]).abs().max().item()
+        for k in st["G_AB"]
+        if k.endswith("weight")
+    ]
+    assert max(moved) < 1e-2  # one small Adam step from the loaded weights, not a fresh net
 
 
 def test_evaluate_smoke_with_shipped_models(he_slide: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ Commands (each has ``--help``):
 ``extract-crops``  tissue crops from confocal mosaics and H&E slides (+ pseudo-confocal pairs)
 ``despeckle``      train DespeckleNN variants on synthetic speckle, write the SSIM/PSNR table
 ``cyclegan``       train a CycleGAN stain model (linear stain → H&E), resumable
+``distill``        distil a stain model into a light student (issue 8), resumable
 ``gan-poc``        the thesis's GAN proof of concept (MSE vs adversarial, KS test)
 ``evaluate``       score stain models and despecklers on held-out data
 
@@ -117,6 +118,18 @@ def _cmd_cyclegan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from training.distill import DEFAULTS, run_distill
+
+    config = _resolve(args, DEFAULTS, "distill")
+    if args.print_config:
+        print(json.dumps(config, indent=2))
+        return 0
+    result = run_distill(config, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_gan_poc(args: argparse.Namespace) -> int:
     from training.gan_poc import DEFAULTS, run_gan_poc
 
@@ -202,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "cyclegan")
     p.add_argument("--resume", action="store_true", help="continue from out/state.safetensors")
     p.set_defaults(func=_cmd_cyclegan)
+
+    p = sub.add_parser(
+        "distill",
+        help="distil a stain model into a light student",
+        description="Train a light stain generator (default: the 'light' architecture) to "
+        "reproduce a trained stain model (default: stain-unet) on pseudo-confocal crops, "
+        "optionally with the hematoxylin-F structure loss; writes student.safetensors.",
+    )
+    _add_common(p, "distill")
+    p.add_argument("--resume", action="store_true", help="continue from out/state.safetensors")
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser(
         "gan-poc",

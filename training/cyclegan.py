@@ -14,7 +14,22 @@ Faithful to the published recipe (see ``docs/training.md``):
 * learning rate constant, then linearly decayed to 0 (CycleGAN's ``linear`` policy);
 * crop size schedule (Combalia: 256² for 50 epochs, then 512²); the image pools are emptied
   when the crop size changes (their images no longer stack with the new crops);
-* mixed precision (autocast fp16 + GradScaler) on CUDA; the CPU path runs fp32.
+* mixed precision (autocast fp16 + GradScaler) on CUDA by default; ``amp: "bf16"`` runs
+  bf16 autocast (+ GradScaler) on any device, the CPU included (this is how the tests exercise
+  the mixed-precision path without a GPU); otherwise fp32.
+
+Structure-preserving options (issue 8; all off by default, so the default *is* the recipe):
+
+* ``loss.lambda_hema`` — weight of :func:`training.structure.hematoxylin_loss` on ``G_AB``'s
+  output: the local contrast of its hematoxylin density (differentiable colour deconvolution)
+  must correlate with the input's nuclear signal F;
+* ``discriminator.conditional`` — ``D_B`` sees the input and the output together (6 channels):
+  fake pairs ``(A, G_AB(A))`` against real pairs ``(G_BA(B), B)``, so the discriminator judges
+  whether the H&E *belongs to* its DSCM, not only whether it looks like H&E;
+* higher ``loss.lambda_cycle`` / ``loss.lambda_identity`` (the thesis's §6.1 suggestion);
+* ``init_from`` — start the networks from another run's ``state.safetensors`` (optimizers,
+  pools and iteration start fresh): fine-tune a trained model with one option switched on,
+  against a control fine-tuned without it for the same iterations.
 
 An "epoch" is ``iters_per_epoch`` iterations of random tissue crops. Sample ``i`` of a run
 is drawn from ``default_rng([seed, i])`` (see :mod:`training.data`), so a run resumed from
@@ -67,11 +82,13 @@ from training.runstate import (
     seed_everything,
     write_atomic,
 )
+from training.structure import hematoxylin_loss
 
 __all__ = [
     "DEFAULTS",
     "ImagePool",
     "ValidationSet",
+    "amp_dtype",
     "crop_size_at",
     "lr_factor",
     "make_validation_set",
@@ -86,8 +103,18 @@ DEFAULTS: dict[str, Any] = {
     "amp": "auto",
     "out": "runs/cyclegan",
     "generator": {"name": "unet", "kwargs": {"base_filters": 64, "n_down": 3}},
-    "discriminator": {"name": "patchgan", "kwargs": {"base_filters": 64, "n_layers": 3}},
-    "loss": {"lambda_cycle": 10.0, "lambda_identity": 5.0},
+    "discriminator": {
+        "name": "patchgan",
+        "kwargs": {"base_filters": 64, "n_layers": 3},
+        "conditional": False,
+    },
+    "loss": {
+        "lambda_cycle": 10.0,
+        "lambda_identity": 5.0,
+        "lambda_hema": 0.0,
+        "hema_window": 15,
+    },
+    "init_from": None,
     "optim": {"lr": 2e-4, "betas": [0.5, 0.999]},
     "schedule": {
         "epochs": 100,
@@ -131,6 +158,7 @@ LOG_FIELDS = (
     "cycle_B",
     "idt_A",
     "idt_B",
+    "hema",
     "loss_D_A",
     "loss_D_B",
     "seconds",
@@ -339,13 +367,53 @@ def _regions(config: Mapping[str, Any]) -> tuple[list, list, list, str]:
     return source, target, val, kind
 
 
-def _amp(config: Mapping[str, Any], device: torch.device) -> bool:
-    amp = config.get("amp", "auto")
+def amp_dtype(amp: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the ``amp`` setting on ``device`` (None: fp32).
+
+    ``"auto"``: fp16 on CUDA, else fp32; ``true`` / ``"fp16"``: fp16 (CUDA only — fp16 autocast
+    on the CPU is slow and poorly covered); ``"bf16"``: bf16 on any device with autocast;
+    ``false`` / ``"fp32"``: fp32.
+    """
+    if amp in (False, None, "fp32", "false"):
+        return None
     if amp == "auto":
-        return device.type == "cuda"
-    if amp and device.type != "cuda":
-        raise ValueError("amp=true needs a CUDA device (the CPU path runs fp32)")
-    return bool(amp)
+        return torch.float16 if device.type == "cuda" else None
+    if amp in (True, "fp16", "true"):
+        if device.type != "cuda":
+            raise ValueError(
+                f"amp={amp!r} (fp16) needs a CUDA device; use amp='bf16' for mixed precision "
+                f"on {device.type}, or amp=false"
+            )
+        return torch.float16
+    if amp == "bf16":
+        if not torch.amp.is_autocast_available(device.type):
+            raise ValueError(f"amp='bf16': no autocast on {device.type}")
+        return torch.bfloat16
+    raise ValueError(f"amp must be 'auto', true/'fp16', 'bf16' or false/'fp32', got {amp!r}")
+
+
+def _init_from(path: str | Path, nets: Mapping[str, nn.Module], device: torch.device) -> list[str]:
+    """Load the networks of another run's state file; returns the names loaded.
+
+    A network whose shapes differ (e.g. a conditional ``D_B`` with 6 input channels) keeps its
+    fresh initialisation; that is printed, not an error.
+    """
+    st = load_state(Path(path))
+    loaded = []
+    for key, net in nets.items():
+        sd = st.get(key)
+        if sd is None:
+            continue
+        mine = net.state_dict()
+        if set(sd) == set(mine) and all(sd[k].shape == mine[k].shape for k in mine):
+            net.load_state_dict({k: v.to(device) for k, v in sd.items()})
+            loaded.append(key)
+    fresh = [k for k in nets if k not in loaded]
+    if fresh:
+        print(
+            f"init_from {path}: {', '.join(fresh)} start fresh (not in the file or shapes differ)"
+        )
+    return loaded
 
 
 def _set_requires_grad(nets: Sequence[nn.Module], flag: bool) -> None:
@@ -402,7 +470,8 @@ def run_cyclegan(
     seed = int(config["seed"])
     seed_everything(seed, config.get("threads"))
     device = select_device(config.get("device", "auto"), fallback=True)
-    use_amp = _amp(config, device)
+    amp = amp_dtype(config.get("amp", "auto"), device)
+    use_amp = amp is not None
     sched = config["schedule"]
     lam = config["loss"]
     gen, disc = config["generator"], config["discriminator"]
@@ -410,7 +479,18 @@ def run_cyclegan(
     G_AB = build_model(gen["name"], **gen.get("kwargs", {})).to(device)
     G_BA = build_model(gen["name"], **gen.get("kwargs", {})).to(device)
     D_A = build_model(disc["name"], **disc.get("kwargs", {})).to(device)
-    D_B = build_model(disc["name"], **disc.get("kwargs", {})).to(device)
+    conditional = bool(disc.get("conditional", False))
+    d_kwargs = dict(disc.get("kwargs", {}))
+    if conditional:
+        d_kwargs["in_channels"] = 6  # (DSCM, H&E) pairs
+    D_B = build_model(disc["name"], **d_kwargs).to(device)
+    lam_hema = float(lam.get("lambda_hema", 0.0))
+    hema_window = int(lam.get("hema_window", 15))
+    if config.get("init_from") and not (resume and state_path.is_file()):
+        nets = {"G_AB": G_AB, "G_BA": G_BA, "D_A": D_A, "D_B": D_B}
+        loaded = _init_from(config["init_from"], nets, device)
+        if "G_AB" not in loaded:
+            raise ValueError(f"init_from {config['init_from']}: no compatible G_AB in the file")
     betas = tuple(config["optim"]["betas"])
     lr0 = float(config["optim"]["lr"])
     opt_G = torch.optim.Adam([*G_AB.parameters(), *G_BA.parameters()], lr=lr0, betas=betas)
@@ -470,7 +550,7 @@ def run_cyclegan(
     # stop_at: end this process early (a time-boxed job); --resume continues the same run.
     stop = min(total, int(config.get("stop_at") or total))
     autocast = (
-        (lambda: torch.autocast(device_type="cuda", dtype=torch.float16))
+        (lambda: torch.autocast(device_type=device.type, dtype=amp))
         if use_amp
         else contextlib.nullcontext
     )
@@ -500,7 +580,8 @@ def run_cyclegan(
             for group in opt.param_groups:
                 group["lr"] = lr
         idx = range(it * batch, (it + 1) * batch)
-        real_A = sampler_A.batch(idx, crop)["dscm"].to(device)
+        batch_A = sampler_A.batch(idx, crop)
+        real_A = batch_A["dscm"].to(device)
         real_B = sampler_B.batch(idx, crop)["he"].to(device)
         rng = np.random.default_rng([seed, 3, it])
 
@@ -511,7 +592,8 @@ def run_cyclegan(
             rec_A = G_BA(fake_B)
             fake_A = G_BA(real_B)
             rec_B = G_AB(fake_A)
-            pred_fb, pred_fa = D_B(fake_B), D_A(fake_A)
+            pred_fb = D_B(torch.cat([real_A, fake_B], 1) if conditional else fake_B)
+            pred_fa = D_A(fake_A)
             gan_AB = mse(pred_fb, torch.ones_like(pred_fb))
             gan_BA = mse(pred_fa, torch.ones_like(pred_fa))
             cyc_A = l1(rec_A, real_A) * float(lam["lambda_cycle"])
@@ -521,17 +603,29 @@ def run_cyclegan(
                 idt_B = l1(G_BA(real_A), real_A) * float(lam["lambda_identity"])
             else:
                 idt_A = idt_B = torch.zeros((), device=device)
-            loss_G = gan_AB + gan_BA + cyc_A + cyc_B + idt_A + idt_B
+            if lam_hema > 0:
+                hema = lam_hema * hematoxylin_loss(
+                    fake_B, batch_A["f"].to(device), window=hema_window
+                )
+            else:
+                hema = torch.zeros((), device=device)
+            loss_G = gan_AB + gan_BA + cyc_A + cyc_B + idt_A + idt_B + hema
         opt_G.zero_grad(set_to_none=True)
         scaler.scale(loss_G).backward()
         scaler.step(opt_G)
 
         # Discriminators: real → 1, (pooled) fake → 0, loss halved.
         _set_requires_grad([D_A, D_B], True)
-        pooled_B = pool_B.query(fake_B.float(), rng)
+        if conditional:
+            # Real pairs: (G_BA(B), B) — the DSCM that H&E "came from" by the other generator.
+            pooled_B = pool_B.query(torch.cat([real_A, fake_B.float()], 1), rng)
+            real_pair_B = torch.cat([fake_A.detach().float(), real_B], 1)
+        else:
+            pooled_B = pool_B.query(fake_B.float(), rng)
+            real_pair_B = real_B
         pooled_A = pool_A.query(fake_A.float(), rng)
         with autocast():
-            pr, pf = D_B(real_B), D_B(pooled_B)
+            pr, pf = D_B(real_pair_B), D_B(pooled_B)
             loss_D_B = 0.5 * (mse(pr, torch.ones_like(pr)) + mse(pf, torch.zeros_like(pf)))
             pr, pf = D_A(real_A), D_A(pooled_A)
             loss_D_A = 0.5 * (mse(pr, torch.ones_like(pr)) + mse(pf, torch.zeros_like(pf)))
@@ -554,6 +648,7 @@ def run_cyclegan(
                 "cycle_B": cyc_B.item(),
                 "idt_A": idt_A.item(),
                 "idt_B": idt_B.item(),
+                "hema": hema.item(),
                 "loss_D_A": loss_D_A.item(),
                 "loss_D_B": loss_D_B.item(),
                 "seconds": time.perf_counter() - t0,

@@ -266,7 +266,8 @@ def _path_and_size(entry: Any) -> tuple[str, float | None]:
 def run_evaluate(config: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Score stain models and despecklers on held-out data; write CSV + Markdown tables.
 
-    Stain models (``config["stain"]``: bundled names or checkpoint paths) are scored on
+    Stain models (``config["stain"]``: bundled names or checkpoint paths, or
+    ``{"label": ..., "model": name_or_path}`` to name a row) are scored on
     pseudo-confocal pairs of the held-out regions (and of every ``data.extra_he`` image, whole,
     in ``extra_tile``² tiles) next to two reference rows: the linear stain itself (the model's
     input) and the true H&E. Despecklers are scored like
@@ -319,10 +320,15 @@ def run_evaluate(config: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
                 speckle=d.get("speckle"),
                 seed=int(config["seed"]),
             )
-        models = {
-            str(name): load_model(name, device=config.get("device", "cpu"))
-            for name in config["stain"]
-        }
+        # An entry is a bundled name / checkpoint path, or {"label": ..., "model": ...}.
+        models = {}
+        for entry in config["stain"]:
+            label, name = (
+                (str(entry["label"]), entry["model"])
+                if isinstance(entry, Mapping)
+                else (str(entry), entry)
+            )
+            models[label] = load_model(name, device=config.get("device", "cpu"))
         rows = []
         for set_name, val in sets.items():
             rows.append(

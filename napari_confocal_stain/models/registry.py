@@ -20,6 +20,7 @@ from napari_confocal_stain.models.generators import (
     ResnetGenerator,
     UNetGenerator,
 )
+from napari_confocal_stain.models.light import LightGenerator
 
 DSCM_INPUT: Mapping[str, Any] = MappingProxyType({"input": "dscm", "range": [-1, 1]})
 """Generators read the Gareau linear stain (DSCM) scaled to [-1, 1] and write RGB in [-1, 1]."""
@@ -196,6 +197,16 @@ for _spec, _canonical in [
             description="U-Net with half the filters (~1/4 of the FLOPs) for CPU viewing",
         ),
         False,
+    ),
+    (
+        ModelSpec(
+            "light",
+            LightGenerator,
+            {"channels": [8, 16, 32, 64], "n_blocks": 3, "input_skip": True, "head_kernel": 3},
+            description="light U-Net: 3×3 stem/head, residual bottleneck, input skip "
+            "(≤ 1/4 of stain-unet's FLOPs; issue 8)",
+        ),
+        True,
     ),
     (
         ModelSpec(
