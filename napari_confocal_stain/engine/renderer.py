@@ -210,6 +210,8 @@ class TileRenderer:
     on_error
         Called once with a message when ``compute`` fails with an error other than a
         cancellation; the renderer then stops computing (the placeholder stays).
+    thread_init
+        Called first in the worker thread (per-thread state such as floating-point flags).
     """
 
     def __init__(
@@ -228,6 +230,7 @@ class TileRenderer:
         placeholder_scope: str | None = None,
         on_tile: Callable[[int, int, int], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        thread_init: Callable[[], None] | None = None,
     ) -> None:
         if tile < 16:
             raise ValueError(f"tile must be ≥ 16 pixels, got {tile}")
@@ -246,6 +249,7 @@ class TileRenderer:
         self.placeholder_scope = placeholder_scope or scope
         self.on_tile = on_tile
         self.on_error = on_error
+        self.thread_init = thread_init
         self.stats = RendererStats()
         self._cond = threading.Condition()
         self._wanted: list[TileKey] = []  # priority order
@@ -407,6 +411,11 @@ class TileRenderer:
         return None
 
     def _work(self) -> None:
+        if self.thread_init is not None:
+            try:
+                self.thread_init()
+            except Exception:
+                traceback.print_exc()
         while True:
             with self._cond:
                 while True:

@@ -28,7 +28,7 @@ from qtpy.QtCore import QTimer
 from superqt.utils import ensure_main_thread
 
 from napari_confocal_stain.engine.cache import TileCache
-from napari_confocal_stain.engine.pipeline import StainPipeline, to_uint8
+from napari_confocal_stain.engine.pipeline import StainPipeline, to_uint8, worker_thread_init
 from napari_confocal_stain.engine.renderer import RawTileStore, TileRenderer
 from napari_confocal_stain.napari._layers import META_KEY, layer_name
 
@@ -149,6 +149,10 @@ class LiveLayer:
         Byte budget of the shared in-memory cache.
     on_status
         Called on the main thread with a one-line status.
+    on_progress
+        Called on the main thread with ``(done, needed)`` tiles on screen. (Deliberately not
+        a napari ``progress``: while one exists napari animates its activity indicator, and
+        on a software-rendered display that repainting starved the tile worker 4-7×.)
     layer_kwargs
         Extra ``Image`` keyword arguments (scale, units, …).
     """
@@ -168,6 +172,7 @@ class LiveLayer:
         disk_root: str | None = None,
         cache_mb: int | None = None,
         on_status: Callable[[str], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
         layer_kwargs: dict | None = None,
     ) -> None:
         self.viewer = viewer
@@ -176,9 +181,9 @@ class LiveLayer:
         self.slide = slide
         self.role = role
         self.on_status = on_status
+        self.on_progress = on_progress
         self.closed = False
         self._error_shown = False
-        self._pbar: Any = None
         self._last_refresh = 0.0
         self._coarsest_changed = False
         self._device_used: str | None = None
@@ -215,6 +220,9 @@ class LiveLayer:
         self._refresh_timer = QTimer()
         self._refresh_timer.setSingleShot(True)
         self._refresh_timer.timeout.connect(self._refresh)
+        self._poll_timer = QTimer()
+        self._poll_timer.setInterval(500)
+        self._poll_timer.timeout.connect(self._refresh_status)
         self.layer.events.live_view.connect(lambda _e: self._debounce.start())
         viewer.layers.events.removed.connect(self._on_removed)
         viewer.add_layer(self.layer)
@@ -252,6 +260,7 @@ class LiveLayer:
             store=store,
             on_tile=self._tile_from_worker,
             on_error=self._error_from_worker,
+            thread_init=worker_thread_init,
         )
 
     def rebind(self, pipeline: StainPipeline) -> None:
@@ -370,7 +379,7 @@ class LiveLayer:
             from napari.utils.notifications import show_error
 
             show_error(text)
-        self._close_progress()
+        self._poll_timer.stop()
 
     def status_text(self) -> str:
         """One line: tiles on screen done / needed, throughput, errors."""
@@ -389,29 +398,17 @@ class LiveLayer:
 
     def _refresh_status(self) -> None:
         done, needed = self.renderer.progress()
-        if self.renderer.busy and needed and done < needed:
-            self._update_progress(done, needed)
-        else:
-            self._close_progress()
+        busy = self.renderer.busy
+        if self.on_progress is not None:
+            self.on_progress(done, needed)
         if self.on_status is not None:
             self.on_status(f"{self.layer.name}: {self.status_text()}")
-
-    def _update_progress(self, done: int, needed: int) -> None:
-        from napari.utils import progress
-
-        if self._pbar is None:
-            self._pbar = progress(total=needed, desc=f"Staining {self.slide}")
-        self._pbar.total = needed
-        self._pbar.n = done
-        self._pbar.refresh()
-        # Keep polling while work is pending (the last tile may be a cancelled one).
-        if not self._refresh_timer.isActive():
-            self._refresh_timer.start(500)
-
-    def _close_progress(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        # Poll while work is pending (the last tile may be a cancelled one, which lands
+        # nothing); a light timer: it only rewrites the status line.
+        if busy and not self._poll_timer.isActive():
+            self._poll_timer.start()
+        elif not busy:
+            self._poll_timer.stop()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -433,7 +430,7 @@ class LiveLayer:
         self.closed = True
         self._debounce.stop()
         self._refresh_timer.stop()
-        self._close_progress()
+        self._poll_timer.stop()
         self.renderer.close(timeout=0.5)
         try:
             self.viewer.layers.events.removed.disconnect(self._on_removed)

@@ -19,6 +19,7 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     Label,
+    ProgressBar,
     PushButton,
     SpinBox,
 )
@@ -373,6 +374,7 @@ class GanStainWidget(Container):
         )
         self.start_button = PushButton(text="Start")
         self.stop_button = PushButton(text="Stop")
+        self.tiles = ProgressBar(label="On screen", value=0, max=1, tooltip="tiles done / needed")
         self.status = Label(value="")
         self.export_path = FileEdit(
             label="Export to",
@@ -391,6 +393,7 @@ class GanStainWidget(Container):
             value="gan",
         )
         self.export_button = PushButton(text="Export whole slide")
+        self.export_progress = ProgressBar(label="Exported", value=0, max=100)
         self.export_cancel = PushButton(text="Cancel export", enabled=False)
         self.export_status = Label(value="")
         buttons = Container(
@@ -412,11 +415,13 @@ class GanStainWidget(Container):
                 self.disk_cache,
                 self.cache_mb,
                 buttons,
+                self.tiles,
                 self.status,
                 Label(value="<b>Export</b>"),
                 self.export_what,
                 self.export_path,
                 export_buttons,
+                self.export_progress,
                 self.export_status,
             ],
             labels=True,
@@ -522,6 +527,7 @@ class GanStainWidget(Container):
                 disk_root=_tile_cache_dir() if self.disk_cache.value else None,
                 cache_mb=int(self.cache_mb.value),
                 on_status=self._set_status,
+                on_progress=self._set_progress,
                 layer_kwargs=_geometry(r, live_layer_name(slide, "gan")),
             )
         return live
@@ -535,6 +541,10 @@ class GanStainWidget(Container):
 
     def _set_status(self, text: str) -> None:
         self.status.value = text
+
+    def _set_progress(self, done: int, needed: int) -> None:
+        self.tiles.max = max(needed, 1)
+        self.tiles.value = min(done, max(needed, 1))
 
     def _params_changed(self, *_: Any) -> None:
         # Live update: an existing layer switches to the new settings in place.
@@ -609,14 +619,7 @@ class GanStainWidget(Container):
         self.export_cancel.enabled = True
         verb = "Resuming" if resume else "Exporting"
         self.export_status.value = f"{verb} {slide} → {target.name}…"
-        pbar = None
-        try:
-            from napari.utils import progress as napari_progress
-
-            pbar = napari_progress(total=100, desc=f"Export {target.name}")
-        except Exception:  # the progress bar is a nicety
-            pbar = None
-
+        self.export_progress.value = 0
         from qtpy.QtCore import QTimer
 
         timer = QTimer()
@@ -625,9 +628,7 @@ class GanStainWidget(Container):
         def poll() -> None:
             pct = int(100 * state["done"] / max(state["total"], 1))
             self.export_status.value = f"{verb} {slide} → {target.name}: {pct} %"
-            if pbar is not None:
-                pbar.n = pct
-                pbar.refresh()
+            self.export_progress.value = pct
 
         timer.timeout.connect(poll)
 
@@ -635,12 +636,11 @@ class GanStainWidget(Container):
             from napari.utils.notifications import show_error, show_info
 
             timer.stop()
-            if pbar is not None:
-                pbar.close()
             self.export_button.enabled = True
             self.export_cancel.enabled = False
             path, exc = result
             if exc is None:
+                self.export_progress.value = 100
                 self.export_status.value = f"Exported {path}"
                 show_info(f"Exported {slide} to {path}")
             elif self._export_cancelled:
