@@ -40,6 +40,11 @@ class ConfocalMosaic:
     metadata
         Everything else worth keeping: ``channel_names``, ``levels_from_file``,
         ``n_file_levels``, ``norm_stats``, ``pixel_size_source``, ``storage``, ...
+    r_raw, f_raw
+        The levels stored in the file(s), as read (file dtype, not normalised): lazily
+        sliceable planes, ``r_raw[k]`` matching ``r[k]`` for the first ``len(r_raw)`` levels.
+        Empty when unknown. Reading a box straight from them decodes only the file's tiles
+        under the box (the viewer's fast linear stain uses this).
     """
 
     r: list[da.Array]
@@ -52,6 +57,8 @@ class ConfocalMosaic:
     normalization: str
     files: dict[str, str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    r_raw: list[Any] = field(default_factory=list, repr=False, compare=False)
+    f_raw: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.r) != len(self.f) or not self.r:
@@ -59,6 +66,11 @@ class ConfocalMosaic:
         for k, (a, b) in enumerate(zip(self.r, self.f, strict=True)):
             if a.shape != b.shape or a.ndim != 2:
                 raise ValueError(f"level {k}: r {a.shape} and f {b.shape} must be equal and 2-D")
+        if len(self.r_raw) != len(self.f_raw) or len(self.r_raw) > len(self.r):
+            raise ValueError("r_raw and f_raw must have the same length, at most one per level")
+        for k, (a, b) in enumerate(zip(self.r_raw, self.f_raw, strict=True)):
+            if tuple(a.shape) != tuple(self.r[k].shape) or tuple(b.shape) != tuple(a.shape):
+                raise ValueError(f"stored level {k}: r_raw/f_raw shapes differ from level {k}")
 
     def __repr__(self) -> str:
         h, w = self.shape

@@ -373,6 +373,8 @@ def _assemble(
         normalization=normalization,
         files={"r": r_file, "f": f_file},
         metadata=meta,
+        r_raw=list(r_planes[:n_stored]),
+        f_raw=list(f_planes[:n_stored]),
     )
 
 

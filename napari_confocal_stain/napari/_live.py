@@ -28,6 +28,7 @@ from qtpy.QtCore import QTimer
 from superqt.utils import ensure_main_thread
 
 from napari_confocal_stain.engine.cache import TileCache
+from napari_confocal_stain.engine.linear_view import LinearStainView
 from napari_confocal_stain.engine.pipeline import StainPipeline, to_uint8, worker_thread_init
 from napari_confocal_stain.engine.renderer import RawTileStore, TileRenderer
 from napari_confocal_stain.napari._layers import META_KEY, layer_name
@@ -187,6 +188,7 @@ class LiveLayer:
         self._last_refresh = 0.0
         self._coarsest_changed = False
         self._device_used: str | None = None
+        self._linear_view: LinearStainView | None = None
         self.tile = int(tile)
         self.disk_root = disk_root
         self.cache_mb = cache_mb
@@ -277,6 +279,7 @@ class LiveLayer:
         if self.product == "gan":
             self.tile = int(pipeline.settings.tile)
         self._error_shown = False
+        self._linear_view = None
         self.renderer = self._make_renderer(pipeline)
         old.close(timeout=0.5)
         meta = dict(self.layer.metadata)
@@ -311,7 +314,15 @@ class LiveLayer:
     def _placeholder(self, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
         if self.product == "despeckled-r":
             return to_uint8(self.pipeline.reflectance(level, box, despeckled=False))
-        return to_uint8(self.pipeline.linear(level, box, despeckled=False))
+        # The linear stain of raw R, by table lookup when it can be (this runs on the
+        # main thread while napari slices).
+        settings = self.pipeline.settings
+        view = self._linear_view
+        if view is None:  # rebind() forgets it: new settings may change the stain
+            view = self._linear_view = LinearStainView(
+                self.pipeline.mosaic, settings.linear_method, dict(settings.linear_coefficients)
+            )
+        return view.read(level, box)
 
     # ------------------------------------------------------------------ view → renderer
 

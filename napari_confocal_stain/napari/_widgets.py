@@ -24,8 +24,8 @@ from magicgui.widgets import (
 from napari_confocal_stain.core.linear_stain import (
     BEER_LAMBERT_DEFAULTS,
     GAREAU_DEFAULTS,
-    linear_stain_levels,
 )
+from napari_confocal_stain.engine.linear_view import LinearStainView
 from napari_confocal_stain.errors import ConfocalStainError
 from napari_confocal_stain.napari._layers import META_KEY, layer_name
 
@@ -206,9 +206,9 @@ class LinearStainWidget(Container):
             return None
         method = self.method.value
         try:
-            levels = linear_stain_levels(mosaic.r, mosaic.f, method, **self.coefficients())
-            # Shown as uint8 (lazily): a quarter of the texture napari uploads per slice.
-            levels = [(lvl * 255.0 + 0.5).astype("uint8") for lvl in levels]
+            # uint8 views read on slicing (a quarter of a float texture): only the file
+            # tiles under the view, stained by table lookup for 8-bit slides.
+            levels = LinearStainView(mosaic, method, self.coefficients()).levels()
         except (ValueError, ConfocalStainError) as exc:
             self.status.value = f"Not stained: {exc}"
             show_error(f"Linear stain: {exc}")
