@@ -312,13 +312,17 @@ def test_napari_writer_through_npe2(tmp_path):
     npe2 = pytest.importorskip("npe2")
     layers = pytest.importorskip("napari.layers")
     writer = "napari_confocal_stain.napari._writer:write_image_layer"
+    import uuid
+
+    # A fresh name each time: once a viewer has existed, napari's command registry keeps
+    # the commands of unregistered plugins, so a second registration would clash.
+    name = f"export-writer-test-{uuid.uuid4().hex[:8]}"
     manifest = npe2.PluginManifest(
-        name="export-writer-test",
+        name=name,
         display_name="Export writer test",
         contributions={
-            "commands": [{"id": "export-writer-test.write", "title": "Write",
-                          "python_name": writer}],
-            "writers": [{"command": "export-writer-test.write", "layer_types": ["image"],
+            "commands": [{"id": f"{name}.write", "title": "Write", "python_name": writer}],
+            "writers": [{"command": f"{name}.write", "layer_types": ["image"],
                          "filename_extensions": [".ome.zarr", ".ome.tif"]}],
         },
     )  # fmt: skip
@@ -327,13 +331,13 @@ def test_napari_writer_through_npe2(tmp_path):
     try:
         rgb = np.random.default_rng(1).integers(0, 256, (96, 160, 3), dtype=np.uint8)
         layer = layers.Image(rgb, rgb=True, scale=(0.75, 0.75), name="stain")
-        (saved,) = layer.save(str(tmp_path / "s.ome.zarr"), plugin="export-writer-test")
+        (saved,) = layer.save(str(tmp_path / "s.ome.zarr"), plugin=name)
         np.testing.assert_array_equal(_zarr_level(Path(saved)).transpose(1, 2, 0), rgb)
         from napari_confocal_stain.io.omezarr import open_omezarr
 
         assert open_omezarr(saved).pixel_size_um == pytest.approx(0.75)
     finally:
-        pm.unregister("export-writer-test")
+        pm.unregister(name)
 
 
 def test_tissue_free_chunks_are_skipped(tmp_path):
