@@ -24,6 +24,8 @@ slide's native pixel size.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_confocal_stain.io.mosaic import ConfocalMosaic
 
 __all__ = [
+    "BACKGROUND_NICE",
     "PRODUCTS",
     "Box",
     "StainPipeline",
@@ -180,18 +183,37 @@ def read_array(arr: Any) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
-def worker_thread_init() -> None:
-    """Per-thread set-up for threads that run models: flush denormals to zero.
+BACKGROUND_NICE = 10
+"""How much :func:`worker_thread_init` lowers a background thread's CPU priority (Linux)."""
 
-    x86's flush-to-zero / denormals-are-zero flags live in each thread's MXCSR register. A
-    new thread starts without them, and a generator's activations contain denormal floats
-    that make every multiply that touches them many times slower: measured here, a U-Net
-    tile took 4× longer in a fresh worker thread than in napari's main thread (where a
-    loaded library had set the flags). Outputs in [0, 1] stored as uint8 are unaffected.
+
+def worker_thread_init(background: bool = True) -> None:
+    """Per-thread set-up for threads that run models behind a user interface.
+
+    * Flush denormals to zero. x86's flush-to-zero / denormals-are-zero flags live in each
+      thread's MXCSR register. A new thread starts without them, and a generator's
+      activations contain denormal floats that make every multiply that touches them many
+      times slower: measured here, a U-Net tile took 4× longer in a fresh worker thread than
+      in napari's main thread (where a loaded library had set the flags). Outputs in [0, 1]
+      stored as uint8 are unaffected.
+    * With ``background`` (Linux only), lower this thread's scheduling priority by
+      :data:`BACKGROUND_NICE`. Threads the model's thread pool starts from this thread
+      inherit it. The GUI thread (and the OpenGL rasteriser's threads, when rendering is in
+      software) then get a core the moment they need one, instead of queueing behind the
+      model for it; the model still has every idle cycle. Lowering a priority needs no
+      privilege; it cannot be raised back in this thread, which ends with its renderer.
     """
     import torch
 
     torch.set_flush_denormal(True)
+    if background and sys.platform.startswith("linux"):
+        try:  # on Linux a thread id names one thread: only this one is reniced
+            tid = threading.get_native_id()
+            os.setpriority(
+                os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE
+            )
+        except (AttributeError, OSError):  # a sandbox may forbid it: run at normal priority
+            pass
 
 
 def warm_up(
@@ -202,8 +224,16 @@ def warm_up(
     oneDNN (and cuDNN) build their kernels for each new input shape on first use: the first
     544² U-Net tile costs several times the next ones on this CPU. Call it where waiting is
     expected (while "Loading the model…"), with the shape the renderer will use.
+
+    It also pays dask's one-off set-up of its first compute (looking for a distributed
+    client imports ``dask.distributed`` when installed: 0.3 s here), which would otherwise
+    land on the first tile.
     """
+    import dask.array as da
+
     from napari_confocal_stain.core.inference import stain_region
+
+    read_array(da.zeros((2, 2), chunks=1))
 
     grey = np.full((size, size, 3), 0.5, dtype=np.float32)  # tissue-like: not skipped
     stain_region(grey, model, tile=tile, precision=precision, device=device,
