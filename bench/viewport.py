@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             slide="bench",
             role="gan",
             tile=args.tile,
-            layer_kwargs={"scale": tuple(linear.scale)},
+            layer_kwargs={"scale": tuple(linear.scale), "units": linear.units},
         )
         linear.visible = args.beneath == "linear"
         # Main-thread time of each refresh (napari slicing our array + handing it to vispy;
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             slide="bench",
             role="gan",
             tile=args.tile,
-            layer_kwargs={"scale": tuple(linear.scale)},
+            layer_kwargs={"scale": tuple(linear.scale), "units": linear.units},
         )
         # Only the live layer is shown: napari's own dask cache (for the dask-backed R, F and
         # linear layers) is napari's memory, not the renderer's.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -246,3 +248,24 @@ def test_despeckled_reflectance_of_a_box_equals_the_whole_region_cropped(synthet
     np.testing.assert_allclose(part, whole[100:164, 200:264], atol=1e-5)
     raw = p.reflectance(1, (100, 164, 200, 264), despeckled=False)
     assert np.abs(part - raw).mean() > 0.01  # it did despeckle
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_worker_threads_run_at_lower_priority_and_the_caller_is_untouched():
+    from napari_confocal_stain.engine.pipeline import BACKGROUND_NICE, worker_thread_init
+
+    seen: dict[str, int] = {}
+
+    def compute(level, box, cancel):
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return coord_image(level, box)
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    r = make(compute, thread_init=worker_thread_init)
+    try:
+        r.request(0, (0, 128, 0, 128))
+        assert r.wait_idle(30)
+    finally:
+        r.close()
+    assert seen["worker"] == min(19, main_before + BACKGROUND_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
