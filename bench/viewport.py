@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         from napari_confocal_stain.engine.pipeline import warm_up
         from napari_confocal_stain.napari._live import GAN_MARGIN
 
-        warm_up(pipeline.stain_model(), args.tile + 2 * GAN_MARGIN, tile=args.tile)
+        warm_up(pipeline.stain_model(), tile=args.tile, context=GAN_MARGIN)
         shared_cache(args.cache_mb)
         live = LiveLayer(
             viewer,

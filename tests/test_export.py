@@ -308,36 +308,19 @@ def test_napari_writer(tmp_path):
 
 
 def test_napari_writer_through_npe2(tmp_path):
-    """The writer contribution as napari calls it (the manifest entry the plugin declares)."""
+    """The writer contribution as napari calls it: the installed plugin's own manifest."""
     npe2 = pytest.importorskip("npe2")
     layers = pytest.importorskip("napari.layers")
-    writer = "napari_confocal_stain.napari._writer:write_image_layer"
-    import uuid
-
-    # A fresh name each time: once a viewer has existed, napari's command registry keeps
-    # the commands of unregistered plugins, so a second registration would clash.
-    name = f"export-writer-test-{uuid.uuid4().hex[:8]}"
-    manifest = npe2.PluginManifest(
-        name=name,
-        display_name="Export writer test",
-        contributions={
-            "commands": [{"id": f"{name}.write", "title": "Write", "python_name": writer}],
-            "writers": [{"command": f"{name}.write", "layer_types": ["image"],
-                         "filename_extensions": [".ome.zarr", ".ome.tif"]}],
-        },
-    )  # fmt: skip
     pm = npe2.PluginManager.instance()
-    pm.register(manifest)
-    try:
-        rgb = np.random.default_rng(1).integers(0, 256, (96, 160, 3), dtype=np.uint8)
-        layer = layers.Image(rgb, rgb=True, scale=(0.75, 0.75), name="stain")
-        (saved,) = layer.save(str(tmp_path / "s.ome.zarr"), plugin=name)
-        np.testing.assert_array_equal(_zarr_level(Path(saved)).transpose(1, 2, 0), rgb)
-        from napari_confocal_stain.io.omezarr import open_omezarr
+    pm.discover()
+    assert "napari-confocal-stain" in pm._manifests, "the plugin's manifest is not installed"
+    rgb = np.random.default_rng(1).integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    layer = layers.Image(rgb, rgb=True, scale=(0.75, 0.75), name="stain")
+    (saved,) = layer.save(str(tmp_path / "s.ome.zarr"), plugin="napari-confocal-stain")
+    np.testing.assert_array_equal(_zarr_level(Path(saved)).transpose(1, 2, 0), rgb)
+    from napari_confocal_stain.io.omezarr import open_omezarr
 
-        assert open_omezarr(saved).pixel_size_um == pytest.approx(0.75)
-    finally:
-        pm.unregister(name)
+    assert open_omezarr(saved).pixel_size_um == pytest.approx(0.75)
 
 
 def test_tissue_free_chunks_are_skipped(tmp_path):

@@ -97,3 +97,19 @@ def test_table_lookup_matches_direct_stain_and_checks_inputs():
         lookup_pairs(r, f[:3], table)
     with pytest.raises(ValueError, match="65536 rows"):
         lookup_pairs(r, f, table[:10])
+
+
+def test_read_normalized_equals_the_dask_levels(synthetic_slide, tmp_path):
+    from napari_confocal_stain.engine.pipeline import read_array, read_normalized
+
+    r16, f16 = image((2400, 1800), np.uint16, seed=4), image((2400, 1800), np.uint16, seed=5)
+    write_tiff_pyramid(tmp_path / "s16" / "DET#1" / "highres_raw.tif", [r16])
+    write_tiff_pyramid(tmp_path / "s16" / "DET#2" / "highres_raw.tif", [f16])
+    for mosaic in (open_mosaic(synthetic_slide), open_mosaic(tmp_path / "s16")):
+        for level, shape in enumerate(mosaic.level_shapes):
+            for box in _boxes(shape):
+                y0, y1, x0, x1 = box
+                for mode, levels in (("r", mosaic.r), ("f", mosaic.f)):
+                    got = read_normalized(mosaic, mode, level, box)
+                    assert got.dtype == np.float32
+                    np.testing.assert_array_equal(got, read_array(levels[level][y0:y1, x0:x1]))

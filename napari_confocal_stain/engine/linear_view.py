@@ -22,7 +22,7 @@ import numpy as np
 
 from napari_confocal_stain.core.linear_stain import linear_stain, linear_stain_table, lookup_pairs
 from napari_confocal_stain.core.normalize import apply_normalization
-from napari_confocal_stain.engine.pipeline import read_array, to_uint8
+from napari_confocal_stain.engine.pipeline import read_normalized, to_uint8
 from napari_confocal_stain.io.mosaic import ConfocalMosaic
 
 __all__ = ["LinearStainView"]
@@ -140,37 +140,33 @@ class LinearStainView:
         y0, y1, x0, x1 = self._check(level, box)
         if y1 == y0 or x1 == x0:
             return np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
-        if level < self._stored:
-            if self._table is None:
-                return self._stain_stored(level, (y0, y1, x0, x1))
-            # Two halves in two threads (decoding and np.take release the GIL), split on
-            # a file-tile boundary so that no tile is decoded twice.
-            halves = _split(
-                (y0, y1, x0, x1), getattr(self.mosaic.r_raw[level], "chunk", None) or (256, 256)
-            )
-            if len(halves) == 1:
-                return self._stain_stored(level, halves[0])
-            out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
-            (a, b) = halves
-            pending = _pool().submit(self._stain_stored, level, b)
-            out[a[0] - y0 : a[1] - y0, a[2] - x0 : a[3] - x0] = self._stain_stored(level, a)
-            out[b[0] - y0 : b[1] - y0, b[2] - x0 : b[3] - x0] = pending.result()
-            return out
-        else:
-            r = read_array(self.mosaic.r[level][y0:y1, x0:x1])
-            f = read_array(self.mosaic.f[level][y0:y1, x0:x1])
-        return to_uint8(linear_stain(r, f, self.method, **self.coefficients))
+        if self._table is None:
+            r = read_normalized(self.mosaic, "r", level, (y0, y1, x0, x1))
+            f = read_normalized(self.mosaic, "f", level, (y0, y1, x0, x1))
+            return to_uint8(linear_stain(r, f, self.method, **self.coefficients))
+        if level >= self._stored:  # a level built from 2×2 means: not 8-bit codes
+            r = read_normalized(self.mosaic, "r", level, (y0, y1, x0, x1))
+            f = read_normalized(self.mosaic, "f", level, (y0, y1, x0, x1))
+            return to_uint8(linear_stain(r, f, self.method, **self.coefficients))
+        # Two halves in two threads (decoding and np.take release the GIL), split on a
+        # file-tile boundary so that no tile is decoded twice.
+        chunk = getattr(self.mosaic.r_raw[level], "chunk", None) or (256, 256)
+        halves = _split((y0, y1, x0, x1), chunk)
+        if len(halves) == 1:
+            return self._lookup(level, halves[0])
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        a, b = halves
+        pending = _pool().submit(self._lookup, level, b)
+        out[a[0] - y0 : a[1] - y0, a[2] - x0 : a[3] - x0] = self._lookup(level, a)
+        out[b[0] - y0 : b[1] - y0, b[2] - x0 : b[3] - x0] = pending.result()
+        return out
 
-    def _stain_stored(self, level: int, box: Box) -> np.ndarray:
-        """Read a box of a stored level straight from the file's planes and stain it."""
+    def _lookup(self, level: int, box: Box) -> np.ndarray:
+        """Stain a box of a stored 8-bit level by table lookup of its raw codes."""
         y0, y1, x0, x1 = box
         r = np.asarray(self.mosaic.r_raw[level][y0:y1, x0:x1])
         f = np.asarray(self.mosaic.f_raw[level][y0:y1, x0:x1])
-        if self._table is not None:
-            return lookup_pairs(r, f, self._table)
-        (rl, rh), (fl, fh) = self._limits
-        r, f = apply_normalization(r, rl, rh), apply_normalization(f, fl, fh)
-        return to_uint8(linear_stain(r, f, self.method, **self.coefficients))
+        return lookup_pairs(r, f, self._table)
 
     def levels(self) -> list[Any]:
         """Array views of every level, for a napari multiscale layer (read on slicing)."""

@@ -142,14 +142,14 @@ def _check_model_async(
     on_error: Any,
     kind: str,
     precision: str | None = None,
-    warm_size: tuple[int, int] | None = None,
+    warm_tile: tuple[int, int] | None = None,
 ) -> Any:
     """Load a model in a worker thread (cached for the renderer), then call back.
 
     With ``precision``, also resolve ``"auto"`` device and precision for this model (the
     one-off CPU bf16 calibration takes a few seconds) and pass ``on_ok`` a settings patch:
-    cache scopes then record what actually computed the pixels. ``warm_size`` =
-    ``(side, tile)`` runs the model once on a tile-shaped input (see ``warm_up``).
+    cache scopes then record what actually computed the pixels. ``warm_tile`` =
+    ``(tile, context)`` runs the model once on a tile as the renderer cuts it (see ``warm_up``).
     """
     from napari.qt.threading import thread_worker
 
@@ -167,10 +167,10 @@ def _check_model_async(
 
             dev = resolve_device(device)
             resolved = resolve_precision(precision, dev, model)
-            if warm_size:
+            if warm_tile:
                 from napari_confocal_stain.engine.pipeline import warm_up
 
-                warm_up(model, warm_size[0], tile=warm_size[1], precision=resolved,
+                warm_up(model, tile=warm_tile[0], context=warm_tile[1], precision=resolved,
                         device=str(dev))  # fmt: skip
             return {"device": str(dev), "precision": resolved}, None
         except Exception as exc:
@@ -499,10 +499,10 @@ class GanStainWidget(Container):
 
         from napari_confocal_stain.napari._live import GAN_MARGIN
 
-        side = settings.tile + 2 * min(GAN_MARGIN, settings.tile // 2)
+        margin = min(GAN_MARGIN, settings.tile // 2)
         _check_model_async(
             settings.model, settings.device, ok, failed, "stain", settings.precision,
-            warm_size=(side, settings.tile),
+            warm_tile=(settings.tile, margin),
         )  # fmt: skip
         if settings.despeckle is not None:
             _check_model_async(
