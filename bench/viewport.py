@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
         fast_levels = linear.data
         # The previous path, for the ratio: napari slicing the dask graph (whole chunks).
-        dask_levels = [
-            (lv * 255.0 + 0.5).astype("uint8") for lv in linear_stain_levels(mosaic.r, mosaic.f)
-        ]
+        dask_levels = [to_uint8(lv) for lv in linear_stain_levels(mosaic.r, mosaic.f)]
         rows = {}
         for name, levels in (("dask graph", dask_levels), ("LinearStainView", fast_levels)):
             linear.data = levels
@@ -338,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             tile=args.tile,
             layer_kwargs={"scale": tuple(linear.scale), "units": linear.units},
         )
-        # Only the live layer is shown: napari's own dask cache (for the dask-backed R, F and
-        # linear layers) is napari's memory, not the renderer's.
+        # Only the live layer is shown: napari's own dask cache (for the dask-backed R and F
+        # layers) is napari's memory, not the renderer's.
         linear.visible = False
         import gc
 

@@ -91,28 +91,18 @@ class LinearStainView:
         self.level_shapes: list[tuple[int, int]] = [tuple(a.shape) for a in mosaic.r]
         # Validate now (one pixel): an error must surface here, not in napari's slicing.
         linear_stain(np.zeros(1, np.float32), np.zeros(1, np.float32), method, **self.coefficients)
+        # 8-bit stored levels normalised by known statistics: stain by table lookup.
         stats = mosaic.metadata.get("norm_stats") or {}
-        self._limits = None
-        if "r" in stats and "f" in stats:
-            self._limits = tuple(
-                (float(stats[m]["low"]), float(stats[m]["high"])) for m in ("r", "f")
-            )
-        # The stored planes are usable only with the statistics that normalised them.
-        self._stored = len(mosaic.r_raw) if self._limits is not None else 0
         self._table: np.ndarray | None = None
-        if self._stored and all(
-            np.dtype(p[0].dtype) == np.uint8 for p in (mosaic.r_raw, mosaic.f_raw)
+        if (
+            mosaic.r_raw
+            and "r" in stats
+            and "f" in stats
+            and all(np.dtype(p[0].dtype) == np.uint8 for p in (mosaic.r_raw, mosaic.f_raw))
         ):
             codes = np.arange(256, dtype=np.uint8)
-            (rl, rh), (fl, fh) = self._limits
-            self._table = to_uint8(
-                linear_stain_table(
-                    apply_normalization(codes, rl, rh),
-                    apply_normalization(codes, fl, fh),
-                    method,
-                    **self.coefficients,
-                )
-            )
+            values = [apply_normalization(codes, stats[m]["low"], stats[m]["high"]) for m in "rf"]
+            self._table = to_uint8(linear_stain_table(*values, method, **self.coefficients))
         self.scope = f"linear:{method}:{mosaic.source}"
 
     @property
@@ -140,11 +130,8 @@ class LinearStainView:
         y0, y1, x0, x1 = self._check(level, box)
         if y1 == y0 or x1 == x0:
             return np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
-        if self._table is None:
-            r = read_normalized(self.mosaic, "r", level, (y0, y1, x0, x1))
-            f = read_normalized(self.mosaic, "f", level, (y0, y1, x0, x1))
-            return to_uint8(linear_stain(r, f, self.method, **self.coefficients))
-        if level >= self._stored:  # a level built from 2×2 means: not 8-bit codes
+        if self._table is None or level >= len(self.mosaic.r_raw):
+            # Not 8-bit codes (other dtypes, or a level built from 2×2 means).
             r = read_normalized(self.mosaic, "r", level, (y0, y1, x0, x1))
             f = read_normalized(self.mosaic, "f", level, (y0, y1, x0, x1))
             return to_uint8(linear_stain(r, f, self.method, **self.coefficients))

@@ -258,7 +258,7 @@ def warm_up(
 
     It also pays dask's one-off set-up of its first compute (looking for a distributed
     client imports ``dask.distributed`` when installed: 0.3 s here), which would otherwise
-    land on the first tile.
+    land on the first tile read through the dask graph (levels the file does not store).
     """
     import dask.array as da
 

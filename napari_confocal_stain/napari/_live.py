@@ -188,7 +188,6 @@ class LiveLayer:
         self._last_refresh = 0.0
         self._coarsest_changed = False
         self._device_used: str | None = None
-        self._linear_view: LinearStainView | None = None
         self.tile = int(tile)
         self.disk_root = disk_root
         self.cache_mb = cache_mb
@@ -244,6 +243,11 @@ class LiveLayer:
         else:  # the linear stain of raw R
             raw = replace(pipeline.settings, despeckle=None)
             ph_scope = raw.scope("linear", str(pipeline.slide_id))
+        settings = pipeline.settings
+        # The placeholder's linear stain follows the renderer's settings (made with it).
+        self._linear_view = LinearStainView(
+            pipeline.mosaic, settings.linear_method, dict(settings.linear_coefficients)
+        )
         store = None
         if self.disk_root is not None:
             store = RawTileStore(
@@ -279,7 +283,6 @@ class LiveLayer:
         if self.product == "gan":
             self.tile = int(pipeline.settings.tile)
         self._error_shown = False
-        self._linear_view = None
         self.renderer = self._make_renderer(pipeline)
         old.close(timeout=0.5)
         meta = dict(self.layer.metadata)
@@ -316,13 +319,7 @@ class LiveLayer:
             return to_uint8(self.pipeline.reflectance(level, box, despeckled=False))
         # The linear stain of raw R, by table lookup when it can be (this runs on the
         # main thread while napari slices).
-        settings = self.pipeline.settings
-        view = self._linear_view
-        if view is None:  # rebind() forgets it: new settings may change the stain
-            view = self._linear_view = LinearStainView(
-                self.pipeline.mosaic, settings.linear_method, dict(settings.linear_coefficients)
-            )
-        return view.read(level, box)
+        return self._linear_view.read(level, box)
 
     # ------------------------------------------------------------------ view → renderer
 
