@@ -11,11 +11,13 @@ both images, with two metrics:
 Exact definitions (what the tests check against scikit-image, cell by cell):
 
 Luminance
-    ``Y = 0.2125 R + 0.7154 G + 0.0721 B`` computed as ``rgb @ coeffs`` in the input's
-    float dtype, exactly as :func:`skimage.color.rgb2gray` (these are the ITU-R
-    BT.709 / sRGB luma weights that scikit-image uses, not BT.601's 0.299/0.587/0.114).
-    Integer images are first scaled to [0, 1] (``skimage.util.img_as_float``). A 2-D
-    input is taken as already grayscale.
+    ``Y = (0.2125 R + 0.7154 G) + 0.0721 B``, elementwise in the input's float dtype
+    (the ITU-R BT.709 / sRGB luma weights of :func:`skimage.color.rgb2gray`, not
+    BT.601's 0.299/0.587/0.114). skimage evaluates ``rgb @ coeffs``, whose rounding
+    depends on the BLAS kernel, hence on the CPU, the array's layout and its chunking;
+    the fixed elementwise order gives every pixel the same bits on any CPU and for any
+    chunking, within 2 ulp of skimage's value. Integer images are first scaled to
+    [0, 1] (``skimage.util.img_as_float``). A 2-D input is taken as already grayscale.
 
 Cells
     Cell ``(i, j)`` covers rows ``[i·cell, min((i+1)·cell, H))`` and columns
@@ -23,7 +25,10 @@ Cells
     values. Partial cells on the bottom/right edges are measured as they are (a smaller
     crop), never padded or dropped. Every cell is measured **alone**, as if cropped out
     of the slide: neither metric looks across a cell border, so a value depends only on
-    the pixels of its cell (and chunked / dask evaluation gives identical numbers).
+    the pixels of its cell. Every per-cell computation is the same arithmetic whatever
+    cells share its batch, so LBP χ² is bit-identical for numpy and every dask chunking
+    or thread count; SSIM goes through BLAS matrix products, whose kernels may round
+    differently with the batch's layout (agreement to ~1e-6, far below any threshold).
 
 LBP codes
     scikit-image's ``local_binary_pattern(Y, P=8, R=1, method="default")`` of the cell
@@ -124,10 +129,16 @@ def _luminance_np(image: np.ndarray) -> np.ndarray:
         image = img_as_float(image)
     if image.ndim == 2:
         return image
-    # The very expression skimage.color.rgb2gray evaluates, so the luminance (and
-    # with it every LBP tie) is bit-identical to the reference.
-    coeffs = np.array(LUMA_COEFFS, dtype=image.dtype)
-    return image @ coeffs
+    # Three elementwise products summed left to right, each operation rounded once
+    # (IEEE), so every pixel gets the same bits whatever the array's shape, strides,
+    # chunking or CPU. skimage's ``image @ coeffs`` goes through BLAS/SIMD kernels whose
+    # summation order (and FMA use) varies with all of these: 1 ulp apart on some pixels,
+    # and one ulp flips LBP codes at ties, so χ² would depend on how a slide was chunked.
+    c0, c1, c2 = (image.dtype.type(c) for c in LUMA_COEFFS)
+    y = image[..., 0] * c0
+    y += image[..., 1] * c1
+    y += image[..., 2] * c2
+    return y
 
 
 def luminance(image: Any, name: str = "image") -> Any:
@@ -144,8 +155,10 @@ def luminance(image: Any, name: str = "image") -> Any:
     Returns
     -------
     numpy.ndarray or dask.array.Array
-        ``(H, W)`` float luminance ``0.2125 R + 0.7154 G + 0.0721 B``, bit-identical to
-        :func:`skimage.color.rgb2gray`; lazy for dask input.
+        ``(H, W)`` float luminance ``(0.2125 R + 0.7154 G) + 0.0721 B`` in the input's
+        float dtype: :func:`skimage.color.rgb2gray`'s weights, within 2 ulp of its result,
+        and the same bits for numpy and every dask chunking on any CPU. Lazy for dask
+        input.
 
     Raises
     ------
@@ -541,10 +554,14 @@ def _ssim_batch(
     # the mean luminance of both cells): variances are shift invariant, and float32
     # E[s²] - E[s]² cancels far less near 0 than near 2.
     # A coarse mean is enough: any per-cell constant is exact, this one is just small.
-    shift = (
-        xs[::8, :, ::8].mean(axis=(0, 2), dtype=np.float64)
-        + xo[::8, :, ::8].mean(axis=(0, 2), dtype=np.float64)
-    ).astype(np.float32)
+    # Per cell, so the reduction order cannot depend on which cells share the batch.
+    shift = np.array(
+        [
+            xs[::8, j, ::8].mean(dtype=np.float64) + xo[::8, j, ::8].mean(dtype=np.float64)
+            for j in range(n)
+        ],
+        np.float32,
+    )
     inner = (slice(p, p + h), slice(None), slice(p, p + w))
     np.add(xs, xo, out=m[0][inner], dtype=np.float32)
     m[0][inner] -= shift[None, :, None]
