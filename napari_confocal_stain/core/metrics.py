@@ -319,81 +319,86 @@ def _lbp_batch(
     rows = min(h, max(8, _LBP_STEP // (n * (w + 2))))
     if ws is None or ws.shape != (rows, n, w):
         ws = _LbpWorkspace(rows, n, w)
-    big = ws.length
-    omc_p, c_p, omc_m, c_m = ws.cols
-    omr_p, r_p, omr_m, r_m = _lbp_weights(h)
-    runs = _row_runs(h)
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
-        k = r1 - r0
-        size = (k + 2) * big
-        z = ws.z[: size + 2]
-        cells = z[1 : size + 1].reshape(k + 2, n, w + 2)  # row j: cell row r0 - 1 + j
-        lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
-        if r0 == 0:
-            cells[0] = 0.0
-        if r1 == h:
-            cells[k + 1] = 0.0
-        cells[lo - r0 + 1 : hi - r0 + 1, :, 1:-1] = x[lo:hi]
-
-        def zs(offset: int, first: int = 1, count: int = k, z: np.ndarray = z) -> np.ndarray:
-            """z rows first .. first + count - 1, shifted by ``offset`` samples."""
-            start = 1 + first * big + offset
-            return z[start : start + count * big]
-
-        # Horizontal halves of skimage's bilinear interpolation,
-        # top = (1 - dc) * left + dc * right, shared by the two diagonals on each
-        # side: hp samples column c + 0.70711, hm column c - 0.70711 (all z rows).
-        hp, hm, tmp = ws.hp[:size], ws.hm[:size], ws.tmp[:size]
-        np.multiply(zs(0, 0, k + 2), omc_p[:size], out=hp)
-        np.multiply(zs(1, 0, k + 2), c_p[:size], out=tmp)
-        hp += tmp
-        np.multiply(zs(-1, 0, k + 2), omc_m[:size], out=hm)
-        np.multiply(zs(0, 0, k + 2), c_m[:size], out=tmp)
-        hm += tmp
-        n_out = k * big
-        t, u, ge, bit = ws.t[:n_out], ws.u[:n_out], ws.ge[:n_out], ws.bit[:n_out]
-        code = ws.code[:n_out]
-        centre = zs(0)
-        # (neighbour - centre >= 0) == (neighbour >= centre) for finite IEEE doubles.
-        np.greater_equal(zs(1), centre, out=code.view(np.bool_))  # bit 0: right
-        # Runs of rows of this step with equal row weights (usually just one).
-        cuts = [r0, *(c for c in runs if r0 < c < r1), r1]
-        for shift, half, top, up in (
-            (1, hp, 0, True),  # up-right: hp of rows r - 1 and r
-            (2, None, -big, None),  # up
-            (3, hm, 0, True),  # up-left
-            (4, None, -1, None),  # left
-            (5, hm, 1, False),  # down-left: hm of rows r and r + 1
-            (6, None, big, None),  # down
-            (7, hp, 1, False),  # down-right
-        ):
-            if half is None:
-                np.greater_equal(zs(top), centre, out=ge)
-            else:
-                # neighbour = (1 - dr) * top + dr * bottom, in skimage's order; the row
-                # weights are scalars over each run of rows.
-                for a, b in itertools.pairwise(cuts):
-                    i0, i1 = (a - r0) * big, (b - r0) * big
-                    first = top + a - r0  # hp/hm row of the upper sample
-                    upper = half[first * big : (first + b - a) * big]
-                    lower = half[(first + 1) * big : (first + 1 + b - a) * big]
-                    w_top = (omr_m if up else omr_p)[a]
-                    w_bottom = (r_m if up else r_p)[a]
-                    np.multiply(upper, w_top, out=t[i0:i1])
-                    np.multiply(lower, w_bottom, out=u[i0:i1])
-                t += u
-                np.greater_equal(t, centre, out=ge)
-            # A uint8 multiply is vectorised where numpy's uint8 left_shift is not.
-            np.multiply(ge.view(np.uint8), np.uint8(1 << shift), out=bit)
-            code |= bit
+        code = _lbp_step(x, r0, r1, ws)
         if out is not None:
-            out[r0:r1] = code.reshape(k, n, w + 2)[:, :, 1:-1]
+            out[r0:r1] = code.reshape(r1 - r0, n, w + 2)[:, :, 1:-1]
         if hist is not None:
             # One bincount for all cells of the step: index = cell * 256 + code.
-            index = np.add(code, ws.bins[:n_out], out=ws.index[:n_out])
+            index = np.add(code, ws.bins[: code.size], out=ws.index[: code.size])
             counts = np.bincount(index, minlength=(n + 1) * N_LBP_CODES)
             hist += counts[: n * N_LBP_CODES].reshape(n, N_LBP_CODES)
+
+
+def _lbp_step(x: np.ndarray, r0: int, r1: int, ws: _LbpWorkspace) -> np.ndarray:
+    """Codes of rows ``r0 .. r1 - 1`` of every cell, flat in the workspace's frame layout."""
+    h, n, w = x.shape
+    big, k = ws.length, r1 - r0
+    size = (k + 2) * big
+    z = ws.z[: size + 2]
+    cells = z[1 : size + 1].reshape(k + 2, n, w + 2)  # row j: cell row r0 - 1 + j
+    lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
+    if r0 == 0:
+        cells[0] = 0.0
+    if r1 == h:
+        cells[k + 1] = 0.0
+    cells[lo - r0 + 1 : hi - r0 + 1, :, 1:-1] = x[lo:hi]
+
+    def zs(offset: int, first: int = 1, count: int = k) -> np.ndarray:
+        """z rows first .. first + count - 1, shifted by ``offset`` samples."""
+        start = 1 + first * big + offset
+        return z[start : start + count * big]
+
+    # Horizontal halves of skimage's bilinear interpolation,
+    # top = (1 - dc) * left + dc * right, shared by the two diagonals on each
+    # side: hp samples column c + 0.70711, hm column c - 0.70711 (all z rows).
+    omc_p, c_p, omc_m, c_m = ws.cols
+    hp, hm, tmp = ws.hp[:size], ws.hm[:size], ws.tmp[:size]
+    np.multiply(zs(0, 0, k + 2), omc_p[:size], out=hp)
+    np.multiply(zs(1, 0, k + 2), c_p[:size], out=tmp)
+    hp += tmp
+    np.multiply(zs(-1, 0, k + 2), omc_m[:size], out=hm)
+    np.multiply(zs(0, 0, k + 2), c_m[:size], out=tmp)
+    hm += tmp
+    n_out = k * big
+    t, u, ge, bit = ws.t[:n_out], ws.u[:n_out], ws.ge[:n_out], ws.bit[:n_out]
+    code = ws.code[:n_out]
+    centre = zs(0)
+    # (neighbour - centre >= 0) == (neighbour >= centre) for finite IEEE doubles.
+    np.greater_equal(zs(1), centre, out=code.view(np.bool_))  # bit 0: right
+    omr_p, r_p, omr_m, r_m = _lbp_weights(h)
+    # Runs of rows of this step with equal row weights (usually just one).
+    cuts = [r0, *(c for c in _row_runs(h) if r0 < c < r1), r1]
+    for shift, half, top, up in (
+        (1, hp, 0, True),  # up-right: hp of rows r - 1 and r
+        (2, None, -big, None),  # up
+        (3, hm, 0, True),  # up-left
+        (4, None, -1, None),  # left
+        (5, hm, 1, False),  # down-left: hm of rows r and r + 1
+        (6, None, big, None),  # down
+        (7, hp, 1, False),  # down-right
+    ):
+        if half is None:
+            np.greater_equal(zs(top), centre, out=ge)
+        else:
+            # neighbour = (1 - dr) * top + dr * bottom, in skimage's order; the row
+            # weights are scalars over each run of rows.
+            for a, b in itertools.pairwise(cuts):
+                i0, i1 = (a - r0) * big, (b - r0) * big
+                first = top + a - r0  # hp/hm row of the upper sample
+                upper = half[first * big : (first + b - a) * big]
+                lower = half[(first + 1) * big : (first + 1 + b - a) * big]
+                w_top = (omr_m if up else omr_p)[a]
+                w_bottom = (r_m if up else r_p)[a]
+                np.multiply(upper, w_top, out=t[i0:i1])
+                np.multiply(lower, w_bottom, out=u[i0:i1])
+            t += u
+            np.greater_equal(t, centre, out=ge)
+        # A uint8 multiply is vectorised where numpy's uint8 left_shift is not.
+        np.multiply(ge.view(np.uint8), np.uint8(1 << shift), out=bit)
+        code |= bit
+    return code
 
 
 def lbp_codes(gray: np.ndarray) -> np.ndarray:
@@ -545,16 +550,12 @@ def _ssim_batch(
         return np.full(n, np.nan)
     if ws is None or ws.key != (h, n, w, sigma):
         ws = _SsimWorkspace(h, n, w, sigma)
-    band, b, k = ws.band, ws.band.shape[0], ws.band.shape[1]
-    nbv, nbh = ws.nbv, ws.nbh
-    hb, wb = nbv * b, nbh * b
-    m, v, f = ws.m, ws.v, ws.f
     # Moments of s = x + y and d = x - y: E[s], E[d], E[s²], E[d²] give every SSIM
     # term (4 filtered maps instead of 5). s is taken about a per-cell constant (twice
     # the mean luminance of both cells): variances are shift invariant, and float32
-    # E[s²] - E[s]² cancels far less near 0 than near 2.
-    # A coarse mean is enough: any per-cell constant is exact, this one is just small.
-    # Per cell, so the reduction order cannot depend on which cells share the batch.
+    # E[s²] - E[s]² cancels far less near 0 than near 2. A coarse mean is enough: any
+    # per-cell constant is exact, this one is just small. Per cell, so the reduction
+    # order cannot depend on which cells share the batch.
     shift = np.array(
         [
             xs[::8, j, ::8].mean(dtype=np.float64) + xo[::8, j, ::8].mean(dtype=np.float64)
@@ -562,6 +563,16 @@ def _ssim_batch(
         ],
         np.float32,
     )
+    _filter_moments(xs, xo, shift, ws)
+    return _mean_ssim(ws, h, w, shift, data_range)
+
+
+def _filter_moments(xs: np.ndarray, xo: np.ndarray, shift: np.ndarray, ws: _SsimWorkspace) -> None:
+    """Gaussian-filter E[s], E[d], E[s²], E[d²] of every cell into ``ws.f[0..3]``."""
+    h, n, w = xs.shape
+    band, p, b, k = ws.band, ws.p, ws.band.shape[0], ws.band.shape[1]
+    hb, wb = ws.nbv * b, ws.nbh * b
+    m, v, f = ws.m, ws.v, ws.f
     inner = (slice(p, p + h), slice(None), slice(p, p + w))
     np.add(xs, xo, out=m[0][inner], dtype=np.float32)
     m[0][inner] -= shift[None, :, None]
@@ -572,9 +583,9 @@ def _ssim_batch(
     # a 512-pixel cell) in L2 cache between them.
     st = m.strides
     st_v = v.strides
-    v_blocks = v.reshape(n, nbv, b, wb + 2 * p).transpose(1, 0, 2, 3)
+    v_blocks = v.reshape(n, ws.nbv, b, wb + 2 * p).transpose(1, 0, 2, 3)
     h_windows = as_strided(
-        v, shape=(n, nbh, hb, k), strides=(st_v[0], b * st_v[2], st_v[1], st_v[2])
+        v, shape=(n, ws.nbh, hb, k), strides=(st_v[0], b * st_v[2], st_v[1], st_v[2])
     )
     for i, src in enumerate((0, 1, 0, 1)):
         if i < 2:
@@ -584,13 +595,21 @@ def _ssim_batch(
         # Vertical pass: one (b, k) @ (k, wb + 2p) product per row block and cell —
         # small enough that OpenBLAS keeps each on one thread (our threads do the rest).
         windows = as_strided(
-            moment, shape=(nbv, n, k, wb + 2 * p), strides=(b * st[1], st[2], st[1], st[3])
+            moment, shape=(ws.nbv, n, k, wb + 2 * p), strides=(b * st[1], st[2], st[1], st[3])
         )
         np.matmul(band, windows, out=v_blocks)
         # Horizontal pass: (hb, k) @ (k, b) per cell and column block. The result's
         # layout (cell, column block, row, column in block) is fine: SSIM is pointwise,
         # then averaged.
         np.matmul(h_windows, band.T, out=f[i])
+
+
+def _mean_ssim(
+    ws: _SsimWorkspace, h: int, w: int, shift: np.ndarray, data_range: float
+) -> np.ndarray:
+    """Per-cell mean of the SSIM map from the filtered moments, minus a ``p``-px border."""
+    p, f = ws.p, ws.f
+    n, wb = f.shape[1], ws.nbh * ws.band.shape[0]
     # SSIM = (2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2)). With
     # S = E[s], D = E[d], u = E[s²] - S², v = E[d²] - D² every factor is half of
     # (Su² ∓ D² + 2 C1) or (u ∓ v + 2 C2) (Su = S + shift), and the halves cancel.
