@@ -332,7 +332,71 @@ def _nuclei(
     Matern-II decision for every returned nucleus sees all its potential competitors.
     """
     r = _INTERACT + 1.0
-    y, x, cby, cbx, k = _candidates(slide, y_lo - r, y_hi + r, x_lo - r, x_hi + r)
+    cand = _candidates(slide, y_lo - r, y_hi + r, x_lo - r, x_hi + r)
+    y, x, cby, cbx, k, cls, normal = _thinned(slide, coarse, *cand)
+    hs = hash_u32(slide.seed, _T_NUC_SHAPE, cby, cbx, k)
+    ur, ua, ut, ui = (unit(hs, sh, 8) + np.float32(1 / 512) for sh in (0, 8, 16, 24))
+    # Per-class shape and brightness: (r_eq lo, span), (aspect lo, span), (I lo, span),
+    # halo amplitude, halo radius factor.
+    prm = _NUCLEUS_PARAMS[cls]
+    r_eq = prm[:, 0] + prm[:, 1] * ur
+    aspect = prm[:, 2] + prm[:, 3] * ua
+    inten = prm[:, 4] + prm[:, 5] * np.where(cls == _LYMPHO, ut, ui)
+    sq = np.sqrt(aspect)
+    a, b = r_eq * sq, r_eq / sq
+    # Orientation: flattened granular cells lie along the surface, basal cells stand
+    # perpendicular to it, fibroblasts follow a collagen family, the rest are random.
+    a1, a2 = slide.fibre_angles()
+    jitter = (ut - 0.5) * np.float32(0.5)
+    fam = np.where(ut < 0.5, np.float32(a1 + math.pi / 2), np.float32(a2 + math.pi / 2))
+    theta = np.select(
+        [cls == _GRANULAR, cls == _BASAL, cls == _FIBRO],
+        [normal + np.float32(math.pi / 2) + jitter, normal + jitter, fam + 2 * jitter],
+        ut * np.float32(math.pi),
+    ).astype(np.float32)
+    alive = _hard_core(slide.seed, y, x, a, cby, cbx, k)
+    keep = alive & (y >= y_lo) & (y < y_hi) & (x >= x_lo) & (x < x_hi)
+    prm = prm[keep]
+    return _Nuclei(
+        y=y[keep],
+        x=x[keep],
+        a=a[keep],
+        b=b[keep],
+        theta=theta[keep],
+        inten=inten[keep],
+        halo_amp=prm[:, 6],
+        halo_r=prm[:, 7] * r_eq[keep],
+    )
+
+
+_NUCLEUS_PARAMS = np.array(
+    [
+        (4.0, 1.2, 1.8, 0.6, 0.45, 0.25, 0.8, 2.2),  # _GRANULAR
+        (4.3, 1.6, 1.0, 0.35, 0.55, 0.35, 1.0, 2.4),  # _SPINOUS
+        (4.0, 1.2, 1.2, 0.4, 0.70, 0.30, 1.0, 2.0),  # _BASAL
+        (4.0, 0.6, 1.0, 0.15, 0.75, 0.25, 0.25, 1.6),  # _LYMPHO
+        (4.0, 1.0, 1.8, 0.7, 0.50, 0.30, 0.3, 1.8),  # _FIBRO
+        (5.0, 2.5, 1.0, 0.5, 0.65, 0.35, 0.9, 2.0),  # _NEST
+    ],
+    dtype=np.float32,
+)
+"""Per nucleus class (rows in class order): r_eq lo, span; aspect lo, span; intensity lo,
+span; halo amplitude; halo radius factor."""
+
+
+def _thinned(
+    slide: _Slide,
+    coarse: _Coarse,
+    y: np.ndarray,
+    x: np.ndarray,
+    cby: np.ndarray,
+    cbx: np.ndarray,
+    k: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Candidates kept by the local nuclear density, with their class and surface normal.
+
+    Returns ``(y, x, cby, cbx, k, cls, normal)`` of the accepted candidates.
+    """
     s = slide.seed
     # Local density from the same lattice fields the image layers use.
     # Only the fields the density needs for every candidate; the rest after thinning.
@@ -354,53 +418,37 @@ def _nuclei(
         v[..., acc] for v in (y, x, cby, cbx, k, parts, dk, depth, rete)
     )
     f = sample_nodes(coarse.stack[[_F["ny"], _F["nx"]]], COARSE, coarse.ny0, coarse.nx0, y, x)
+    normal = np.arctan2(f[0], f[1]).astype(np.float32)
     cls_major = np.argmax(parts, axis=0)  # 0 epidermis, 1 dermis, 2 nest
-
-    hs = hash_u32(s, _T_NUC_SHAPE, cby, cbx, k)
-    ur, ua, ut, ui = (unit(hs, sh, 8) + np.float32(1 / 512) for sh in (0, 8, 16, 24))
-    n = len(y)
-    cls = np.full(n, _SPINOUS)
+    ui = unit(hash_u32(s, _T_NUC_SHAPE, cby, cbx, k), 24, 8) + np.float32(1 / 512)
+    cls = np.full(len(y), _SPINOUS)
     cls[(cls_major == 0) & (dk < 18.0)] = _GRANULAR
     cls[(cls_major == 0) & (depth >= rete - 14.0)] = _BASAL
     cls[cls_major == 1] = np.where(ui[cls_major == 1] < 0.35, _LYMPHO, _FIBRO)
     cls[cls_major == 2] = _NEST
+    return y, x, cby, cbx, k, cls, normal
 
-    # Per-class shape and brightness: (r_eq lo, span), (aspect lo, span), (I lo, span),
-    # halo amplitude, halo radius factor.
-    table = {
-        _GRANULAR: (4.0, 1.2, 1.8, 0.6, 0.45, 0.25, 0.8, 2.2),
-        _SPINOUS: (4.3, 1.6, 1.0, 0.35, 0.55, 0.35, 1.0, 2.4),
-        _BASAL: (4.0, 1.2, 1.2, 0.4, 0.70, 0.30, 1.0, 2.0),
-        _LYMPHO: (4.0, 0.6, 1.0, 0.15, 0.75, 0.25, 0.25, 1.6),
-        _FIBRO: (4.0, 1.0, 1.8, 0.7, 0.50, 0.30, 0.3, 1.8),
-        _NEST: (5.0, 2.5, 1.0, 0.5, 0.65, 0.35, 0.9, 2.0),
-    }
-    prm = np.array([table[c] for c in range(6)], dtype=np.float32)[cls]
-    r_eq = prm[:, 0] + prm[:, 1] * ur
-    aspect = prm[:, 2] + prm[:, 3] * ua
-    inten = prm[:, 4] + prm[:, 5] * np.where(cls == _LYMPHO, ut, ui)
-    sq = np.sqrt(aspect)
-    a, b = r_eq * sq, r_eq / sq
-    # Orientation: flattened granular cells lie along the surface, basal cells stand
-    # perpendicular to it, fibroblasts follow a collagen family, the rest are random.
-    normal = np.arctan2(f[0], f[1]).astype(np.float32)
-    a1, a2 = slide.fibre_angles()
-    jitter = (ut - 0.5) * np.float32(0.5)
-    fam = np.where(ut < 0.5, np.float32(a1 + math.pi / 2), np.float32(a2 + math.pi / 2))
-    theta = np.select(
-        [cls == _GRANULAR, cls == _BASAL, cls == _FIBRO],
-        [normal + np.float32(math.pi / 2) + jitter, normal + jitter, fam + 2 * jitter],
-        ut * np.float32(math.pi),
-    ).astype(np.float32)
 
-    # Matern type-II hard core: a nucleus goes if any competitor whose ellipse could touch
-    # it has a smaller priority mark. The decision only depends on candidates within
-    # _INTERACT, all of which are present, so it is the same in every window.
-    prio = (hash_u32(s, _T_NUC_PRIO, cby, cbx, k).astype(np.uint64) << np.uint64(32)) | (
-        hash_u32(s, _T_NUC_PRIO + 100, cby, cbx, k).astype(np.uint64)
+def _hard_core(
+    seed: int,
+    y: np.ndarray,
+    x: np.ndarray,
+    a: np.ndarray,
+    cby: np.ndarray,
+    cbx: np.ndarray,
+    k: np.ndarray,
+) -> np.ndarray:
+    """Matern type-II hard core: which candidates survive (bool mask).
+
+    A nucleus goes if any competitor whose ellipse could touch it has a smaller priority
+    mark. The decision only depends on candidates within _INTERACT, all of which are
+    present, so it is the same in every window.
+    """
+    prio = (hash_u32(seed, _T_NUC_PRIO, cby, cbx, k).astype(np.uint64) << np.uint64(32)) | (
+        hash_u32(seed, _T_NUC_PRIO + 100, cby, cbx, k).astype(np.uint64)
     )
-    alive = np.ones(n, dtype=bool)
-    if n > 1:
+    alive = np.ones(len(y), dtype=bool)
+    if len(y) > 1:
         pairs = cKDTree(np.stack([y, x], 1)).query_pairs(_INTERACT, output_type="ndarray")
         if len(pairs):
             i, j = pairs[:, 0], pairs[:, 1]
@@ -410,18 +458,7 @@ def _nuclei(
             i, j = i[clash], j[clash]
             loser = np.where(prio[i] > prio[j], i, j)
             alive[loser] = False
-    keep = alive & (y >= y_lo) & (y < y_hi) & (x >= x_lo) & (x < x_hi)
-    prm = prm[keep]
-    return _Nuclei(
-        y=y[keep],
-        x=x[keep],
-        a=a[keep],
-        b=b[keep],
-        theta=theta[keep],
-        inten=inten[keep],
-        halo_amp=prm[:, 6],
-        halo_r=prm[:, 7] * r_eq[keep],
-    )
+    return alive
 
 
 def _stamp_nuclei(nuc: _Nuclei, y0: int, x0: int, h: int, w: int) -> np.ndarray:
@@ -912,12 +949,55 @@ def synth_mosaic_arrays(
 # ---------------------------------------------------------------------------------------------
 # Streaming writer
 # ---------------------------------------------------------------------------------------------
-def _render_strip(
-    slide: _Slide, y0: int, looks: float | None, dtype: str, vignetting: float, noise: bool
-) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class _WriteSpec:
+    """What :func:`write_synthetic_mosaic` writes (validated arguments)."""
+
+    slide: _Slide
+    looks: float | None
+    dtype: str
+    tile: int
+    vignetting: float
+    noise: bool
+    compression: str
+    workers: int
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.dtype == "uint8" else 16
+
+    @property
+    def bigtiff(self) -> bool:
+        """Level 0 needs BigTIFF: the pyramid adds a third; compression is not guaranteed."""
+        itemsize = {"uint8": 1, "uint16": 2}.get(self.dtype, 4)
+        return self.slide.h * self.slide.w * itemsize * 4 / 3 > 3.5e9
+
+    def metadata(self) -> dict:
+        """The generator parameters stored as ``mosaic.json`` beside the TIFFs."""
+        return {
+            "generator": "napari_confocal_stain.io.synthetic",
+            "synth_version": SYNTH_VERSION,
+            "package_version": _package_version(),
+            "seed": self.slide.seed,
+            "size": [self.slide.h, self.slide.w],
+            "looks": self.looks,
+            "dtype": self.dtype,
+            "pixel_size_um": PIXEL_SIZE_UM,
+            "vignetting": self.vignetting,
+            "noise": self.noise,
+            "tile": self.tile,
+            "compression": self.compression,
+            "channels": {"R": "DET#1/highres_raw.tif", "F": "DET#2/highres_raw.tif"},
+        }
+
+
+def _render_strip(spec: _WriteSpec, y0: int) -> tuple[np.ndarray, np.ndarray]:
+    slide = spec.slide
     h = min(_STRIP, slide.h - y0)
-    store = "uint16" if dtype == "float32" else dtype
-    out = _render_tiled(slide, y0, 0, h, slide.w, looks, vignetting, noise, False, store)
+    store = "uint16" if spec.dtype == "float32" else spec.dtype
+    out = _render_tiled(
+        slide, y0, 0, h, slide.w, spec.looks, spec.vignetting, spec.noise, False, store
+    )
     return out["r"], out["f"]
 
 
@@ -1032,24 +1112,15 @@ def _tiff_writer(
     return run
 
 
-def _ordered_strips(
-    slide: _Slide,
-    looks: float | None,
-    dtype: str,
-    vignetting: float,
-    noise: bool,
-    workers: int,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _ordered_strips(spec: _WriteSpec) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Strips in order, rendered by a small thread pool (numpy releases the GIL)."""
-    starts = list(range(0, slide.h, _STRIP))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    starts = list(range(0, spec.slide.h, _STRIP))
+    with ThreadPoolExecutor(max_workers=spec.workers) as pool:
         pending: list = []
         nxt = 0
         for _ in starts:
-            while nxt < len(starts) and len(pending) < workers:
-                pending.append(
-                    pool.submit(_render_strip, slide, starts[nxt], looks, dtype, vignetting, noise)
-                )
+            while nxt < len(starts) and len(pending) < spec.workers:
+                pending.append(pool.submit(_render_strip, spec, starts[nxt]))
                 nxt += 1
             fut = pending.pop(0)
             try:
@@ -1126,48 +1197,19 @@ def write_synthetic_mosaic(
         failed.
     """
     out = Path(out)
-    slide = _slide(size, seed)
-    hh, ww = slide.h, slide.w
-    if hh < 1 or ww < 1:
-        raise ValueError(f"slide size must be positive, got {size!r}")
-    looks = _check_looks(looks)
-    dtype = _check_dtype(dtype)
-    if tile < 16 or tile % 16:
-        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
-    if compression not in ("deflate", "lzw", "none"):
-        # (zstd is not compiled into the libvips of the pyvips wheel.)
-        raise ValueError(f"compression must be deflate, lzw or none, got {compression!r}")
+    spec = _write_spec(size, seed, looks, dtype, tile, vignetting, noise, compression, workers)
     _check_destination(out, overwrite)
-    workers = workers or max(1, min(2, os.cpu_count() or 1))
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         try:
-            _write_into(
-                tmp, slide, looks, dtype, tile, progress, vignetting, noise, compression, workers
-            )
+            _write_into(tmp, spec, progress)
         except _WriteFailed as exc:
             raise MosaicError(out, f"writing the synthetic slide failed: {exc.__cause__}") from (
                 exc.__cause__
             )
-        meta = {
-            "generator": "napari_confocal_stain.io.synthetic",
-            "synth_version": SYNTH_VERSION,
-            "package_version": _package_version(),
-            "seed": slide.seed,
-            "size": [hh, ww],
-            "looks": looks,
-            "dtype": dtype,
-            "pixel_size_um": PIXEL_SIZE_UM,
-            "vignetting": vignetting,
-            "noise": noise,
-            "tile": tile,
-            "compression": compression,
-            "channels": {"R": "DET#1/highres_raw.tif", "F": "DET#2/highres_raw.tif"},
-        }
-        (tmp / "mosaic.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "mosaic.json").write_text(json.dumps(spec.metadata(), indent=2) + "\n")
         _check_destination(out, overwrite)
         if out.exists():
             if out.is_dir():
@@ -1179,6 +1221,38 @@ def write_synthetic_mosaic(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_spec(
+    size: tuple[int, int],
+    seed: int,
+    looks: float | None,
+    dtype: str,
+    tile: int,
+    vignetting: float,
+    noise: bool,
+    compression: str,
+    workers: int | None,
+) -> _WriteSpec:
+    """Validate :func:`write_synthetic_mosaic`'s arguments (ValueError on bad ones)."""
+    slide = _slide(size, seed)
+    if slide.h < 1 or slide.w < 1:
+        raise ValueError(f"slide size must be positive, got {size!r}")
+    if tile < 16 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
+    if compression not in ("deflate", "lzw", "none"):
+        # (zstd is not compiled into the libvips of the pyvips wheel.)
+        raise ValueError(f"compression must be deflate, lzw or none, got {compression!r}")
+    return _WriteSpec(
+        slide=slide,
+        looks=_check_looks(looks),
+        dtype=_check_dtype(dtype),
+        tile=tile,
+        vignetting=vignetting,
+        noise=noise,
+        compression=compression,
+        workers=workers or max(1, min(2, os.cpu_count() or 1)),
+    )
 
 
 class _WriteFailed(Exception):
@@ -1270,16 +1344,7 @@ def _append_levels(base: Path, levels: list[Path], tile: int) -> None:
 
 
 def _write_into(
-    folder: Path,
-    slide: _Slide,
-    looks: float | None,
-    dtype: str,
-    tile: int,
-    progress: Callable[[int, int], None] | None,
-    vignetting: float,
-    noise: bool,
-    compression: str,
-    workers: int,
+    folder: Path, spec: _WriteSpec, progress: Callable[[int, int], None] | None
 ) -> None:
     """Stream both channels, every pyramid level through its own libvips writer.
 
@@ -1289,41 +1354,16 @@ def _write_into(
     they pass (a 2x2 mean) and streamed to a single-level tiled ``tiffsave`` of its own; at
     the end the lower levels' tiles are appended to the level-0 file as reduced pages.
     """
-    bits = 8 if dtype == "uint8" else 16
-    nbytes = slide.h * slide.w * (1 if dtype == "uint8" else (2 if dtype == "uint16" else 4))
-    bigtiff = nbytes * 4 / 3 > 3.5e9  # pyramid adds a third; compression is not guaranteed
-    shapes = _pyramid_shapes(slide.h, slide.w, tile)
-    streams: dict[str, list[_PngStream]] = {}
-    paths: dict[str, list[Path]] = {}
-    threads: list[threading.Thread] = []
+    shapes = _pyramid_shapes(spec.slide.h, spec.slide.w, spec.tile)
     errors: list[BaseException] = []
-    for det in ("DET#1", "DET#2"):
-        (folder / det).mkdir()
-        streams[det], paths[det] = [], []
-        for k, (hk, wk) in enumerate(shapes):
-            path = folder / det / ("highres_raw.tif" if k == 0 else f".level{k}.tif")
-            stream = _PngStream(wk, hk, bits)
-            body = _tiff_writer(stream, path, tile, compression, bigtiff and k == 0, dtype)
-
-            def target(body=body, stream=stream) -> None:
-                try:
-                    body()
-                except BaseException as exc:
-                    errors.append(exc)
-                    stream.abort()
-
-            threads.append(threading.Thread(target=target, name=f"synth-{det}-{k}", daemon=True))
-            streams[det].append(stream)
-            paths[det].append(path)
-    for th in threads:
-        th.start()
+    streams, paths, threads = _start_writers(folder, spec, shapes, errors)
 
     def alive() -> bool:
         return not errors and all(th.is_alive() for th in threads)
 
     reducers = {det: _Reducer(shapes) for det in streams}
-    total = math.ceil(slide.h / _STRIP)
-    strips = _ordered_strips(slide, looks, dtype, vignetting, noise, workers)
+    total = math.ceil(spec.slide.h / _STRIP)
+    strips = _ordered_strips(spec)
     try:
         for done, (r, f) in enumerate(strips, start=1):
             for det, rows in (("DET#1", r), ("DET#2", f)):
@@ -1352,4 +1392,38 @@ def _write_into(
     if errors:
         raise _WriteFailed() from errors[0]
     for det in paths:
-        _append_levels(paths[det][0], paths[det][1:], tile)
+        _append_levels(paths[det][0], paths[det][1:], spec.tile)
+
+
+def _start_writers(
+    folder: Path, spec: _WriteSpec, shapes: list[tuple[int, int]], errors: list[BaseException]
+) -> tuple[dict[str, list[_PngStream]], dict[str, list[Path]], list[threading.Thread]]:
+    """One streaming libvips writer thread per channel and pyramid level, started.
+
+    A writer that fails appends its exception to ``errors`` and aborts its stream.
+    """
+    streams: dict[str, list[_PngStream]] = {}
+    paths: dict[str, list[Path]] = {}
+    threads: list[threading.Thread] = []
+    for det in ("DET#1", "DET#2"):
+        (folder / det).mkdir()
+        streams[det], paths[det] = [], []
+        for k, (hk, wk) in enumerate(shapes):
+            path = folder / det / ("highres_raw.tif" if k == 0 else f".level{k}.tif")
+            stream = _PngStream(wk, hk, spec.bits)
+            big = spec.bigtiff and k == 0
+            body = _tiff_writer(stream, path, spec.tile, spec.compression, big, spec.dtype)
+
+            def target(body=body, stream=stream) -> None:
+                try:
+                    body()
+                except BaseException as exc:
+                    errors.append(exc)
+                    stream.abort()
+
+            threads.append(threading.Thread(target=target, name=f"synth-{det}-{k}", daemon=True))
+            streams[det].append(stream)
+            paths[det].append(path)
+    for th in threads:
+        th.start()
+    return streams, paths, threads
