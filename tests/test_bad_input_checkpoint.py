@@ -558,6 +558,24 @@ def test_registered_variant_kwargs_need_declared_limits(tmp_path, monkeypatch):
     )
 
 
+def test_non_persistent_buffers_keep_their_constructor_values(tmp_path, monkeypatch):
+    """A buffer the file does not hold is built for real, not left empty from the meta model."""
+    from napari_confocal_stain.models import ModelSpec, registry
+    from napari_confocal_stain.models.generators import AffineGenerator
+
+    class Scaled(AffineGenerator):
+        def __init__(self, in_channels: int = 3, out_channels: int = 3) -> None:
+            super().__init__(in_channels, out_channels)
+            self.register_buffer("scale", torch.arange(1.0, 4.0), persistent=False)
+
+    monkeypatch.setitem(registry._REGISTRY, "scaled", ModelSpec("scaled", Scaled))
+    monkeypatch.setitem(registry._CANONICAL, Scaled, "scaled")
+    path = save_checkpoint(tmp_path / "s.safetensors", Scaled())
+    loaded = load_model(path)
+    assert torch.equal(loaded.scale, torch.arange(1.0, 4.0))
+    assert torch.equal(loaded.conv.weight, Scaled().conv.weight)  # the identity start
+
+
 def test_save_refuses_kwargs_it_could_not_load(tmp_path):
     model = build_model("resnet", base_filters=1, n_down=0, n_blocks=257)
     target = tmp_path / "deep.safetensors"

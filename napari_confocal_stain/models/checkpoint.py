@@ -195,7 +195,7 @@ def save_checkpoint(
     # The recorded kwargs must rebuild these exact tensors within the loader's limits, or the
     # file could never be loaded.
     _, rebuilt = _expected_state("save_checkpoint", architecture, kwargs)
-    _check_tensors("save_checkpoint", rebuilt, state)
+    _check_tensors("save_checkpoint", rebuilt.state_dict(), state)
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"save_checkpoint: tensor {name!r} has NaN or inf values")
@@ -261,11 +261,11 @@ def _open_checkpoint(path: Path) -> Iterator[tuple[BinaryIO, int]]:
     except OSError as exc:
         raise _fail(path, _os_problem(path, exc)) from None
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(fd).st_size  # of the file opened, whatever the path names by now
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)  # the file opened, whatever the path names by now
+        if not stat.S_ISREG(info.st_mode):
             raise _fail(path, "not a regular file (a device, pipe or socket)")
         try:
-            yield f, size
+            yield f, info.st_size
         except OSError as exc:
             raise _fail(path, _os_problem(path, exc)) from None
 
@@ -358,8 +358,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def _expected_state(
     where: str | Path, architecture: Any, kwargs: Any
-) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
-    """The architecture's spec and its state dict on the meta device (no memory), kwargs checked.
+) -> tuple[ModelSpec, nn.Module]:
+    """The architecture's spec and the model built on the meta device (no memory), kwargs checked.
 
     The kwargs are checked against their limits first: building on the meta device costs no
     memory but its time grows with the number of modules the kwargs ask for.
@@ -374,10 +374,10 @@ def _expected_state(
     try:
         full = checked_kwargs(spec.name, kwargs)
         with torch.device("meta"):
-            expected = build_model(spec.name, **full).state_dict()
+            model = build_model(spec.name, **full)
     except (TypeError, ValueError) as exc:
         raise _fail(where, f"kwargs do not build {spec.name!r}: {exc}") from None
-    return spec, expected
+    return spec, model
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -641,7 +641,7 @@ def load_model(
                 )
             meta = _caller_meta(architecture, kwargs, "legacy-pickle")
             # The caller's kwargs are checked before the file is unpickled.
-            spec, expected = _expected_state(path, architecture, meta["kwargs"])
+            spec, model = _expected_state(path, architecture, meta["kwargs"])
             state = _load_legacy(path, f, size)
             found: Mapping[str, Any] = state
         else:
@@ -663,24 +663,35 @@ def load_model(
                     raise _fail(path, f"the file records kwargs {meta['kwargs']}, not {differ}")
             # Judge the file against the architecture built on the meta device (no memory)
             # before reading its tensors or allocating the real model.
-            spec, expected = _expected_state(path, meta["architecture"], meta["kwargs"])
+            spec, model = _expected_state(path, meta["architecture"], meta["kwargs"])
             found = header.tensors
+        expected = model.state_dict()
         _check_tensors(path, expected, found)
         if header is not None:
             state = read_tensors(f, header, path)
     _check_finite(path, state)
 
-    model = build_model(spec.name, **meta["kwargs"])
+    # The meta model becomes the real one: strict loading overwrites every parameter and
+    # persistent buffer, so a random initialisation would be wasted work. A non-persistent
+    # buffer is not in the file and needs the constructor's value: then build for real.
+    held = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+    if held <= set(expected):
+        model = model.to_empty(device="cpu")
+    else:
+        model = build_model(spec.name, **meta["kwargs"])
     model.load_state_dict(state, strict=True)
+    cast = target_dtype is not None or any(
+        state[name].dtype != t.dtype for name, t in expected.items()
+    )
     meta = {**meta, "kwargs": dict(model.config), "path": str(path)}
     if meta.get("normalization") is None:
         meta["normalization"] = dict(spec.normalization)
     target = select_device(device, fallback=fallback)
     model.to(device=target, dtype=target_dtype)
-    # A float64 file, or dtype=, may hold values the model's dtype cannot: they would become inf.
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise _fail(path, f"tensor {name!r} has values too large for {t.dtype}")
+    if cast:  # a float64 file, or dtype=, may hold values that become inf in the model's dtype
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _fail(path, f"tensor {name!r} has values too large for {t.dtype}")
     model.eval()
     model.checkpoint_meta = meta
     return model
