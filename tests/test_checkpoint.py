@@ -173,6 +173,17 @@ def test_unknown_bundled_name_lists_what_is_available(monkeypatch, tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("name", available_weights())
+def test_bundled_weights_load_bit_for_bit(name):
+    """The checked loader gives exactly the tensors an independent safetensors reader does."""
+    model = load_model(name, device="cpu")
+    raw = load_file(str(checkpoint_module.WEIGHTS_DIR / f"{name}.safetensors"))
+    state = model.state_dict()
+    assert set(state) == set(raw)
+    for key, value in raw.items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope.safetensors")

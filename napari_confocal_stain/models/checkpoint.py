@@ -13,37 +13,56 @@ holds one key, ``"napari_confocal_stain"``, with a JSON object:
 ``extra``            anything else the writer wants to keep, or null
 ``n_parameters``     parameter count, for listings
 
-Loading rebuilds the architecture from its name and kwargs and copies the tensors in, after
-checking every tensor (present, expected, same shape, floating where the model is floating,
-finite). Nothing in the file is ever executed. Legacy ``.pt`` / ``.pth`` files are read only
-with ``torch.load(..., weights_only=True)``, which refuses anything but tensors and plain
-containers, and need the architecture from the caller.
+The file decides nothing about how much memory loading takes. :func:`load_model` reads only
+the safetensors header first (see :mod:`~napari_confocal_stain.models.safetensors_header`) and
+checks it; checks the architecture name and each kwarg's type and range (see
+:mod:`~napari_confocal_stain.models.limits`); builds the architecture on the ``meta`` device,
+which allocates nothing, and compares its tensor names, shapes and dtypes with the header's
+(the message names the tensor and both shapes); and only then reads the tensors, checks they
+are finite and builds the real model. Nothing in the file is ever executed. Legacy ``.pt`` /
+``.pth`` files are read only with ``torch.load(..., weights_only=True)``, which refuses
+anything but tensors and plain containers, and need the architecture from the caller.
+
+Every problem with the file is one :class:`~napari_confocal_stain.errors.CheckpointError`,
+``"<path>: <what is wrong>"``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
-from collections.abc import Mapping
+import pickle
+import re
+import stat
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
 from napari_confocal_stain.errors import CheckpointError
 from napari_confocal_stain.io.atomic import write_atomic as _write_atomic
 from napari_confocal_stain.models.device import select_device
+from napari_confocal_stain.models.limits import MAX_PARAMETERS
 from napari_confocal_stain.models.registry import (
+    ModelSpec,
     architecture_of,
     available_models,
     build_model,
+    checked_kwargs,
     model_spec,
+)
+from napari_confocal_stain.models.safetensors_header import (
+    MAX_DATA_BYTES,
+    read_header,
+    read_tensors,
 )
 
 __all__ = [
@@ -65,14 +84,6 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 """Bundled weight files, ``<name>.safetensors``, loadable by name."""
 LEGACY_SUFFIXES = (".pt", ".pth")
 
-# A safetensors header is a few kB per hundred tensors; anything this big is not one.
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -181,15 +192,10 @@ def save_checkpoint(
     )
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # The recorded kwargs must rebuild these exact tensors, or the file could never be loaded.
-    with torch.device("meta"):
-        try:
-            rebuilt = build_model(architecture, **kwargs).state_dict()
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"save_checkpoint: kwargs do not build {architecture!r}: {exc}"
-            ) from None
-    _check_tensors("save_checkpoint", rebuilt, state)
+    # The recorded kwargs must rebuild these exact tensors within the loader's limits, or the
+    # file could never be loaded.
+    _, rebuilt = _expected_state("save_checkpoint", architecture, kwargs)
+    _check_tensors("save_checkpoint", rebuilt.state_dict(), state)
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"save_checkpoint: tensor {name!r} has NaN or inf values")
@@ -216,76 +222,52 @@ def save_checkpoint(
 # ---------------------------------------------------------------------------------------- load
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    """Validate the safetensors layout ourselves (for precise errors), then load the tensors."""
-    if not path.exists():
-        raise _fail(path, "checkpoint file not found")
-    if not path.is_file():
-        raise _fail(path, "not a file")
-    data = path.read_bytes()
-    # Only consulted once parsing failed: a valid header length may also start with these bytes.
-    hint = (
-        "; it looks like a PyTorch pickle/zip file: name it .pt and call load_model(path, "
-        "architecture=..., kwargs=...), which reads it with weights_only=True"
-        if data[:2] == b"PK" or data[:1] == b"\x80"
-        else ""
-    )
-    if len(data) < 8:
-        raise _fail(path, f"not a safetensors file (only {len(data)} bytes){hint}")
-    n = int.from_bytes(data[:8], "little")
-    if n > _MAX_HEADER_BYTES:
-        raise _fail(path, f"not a safetensors file (header length field reads {n} bytes){hint}")
-    if 8 + n > len(data):
-        raise _fail(
-            path,
-            f"truncated or not a safetensors file: the header needs {n} bytes, only "
-            f"{len(data) - 8} follow its length field{hint}",
-        )
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(
-            path, f"not a safetensors file: its header is not valid JSON ({exc}){hint}"
-        ) from None
-    if not isinstance(header, dict):
-        raise _fail(path, f"not a safetensors file: its header is not a JSON object{hint}")
+def _os_problem(path: Path, exc: OSError) -> str:
+    """What an OSError from opening or reading ``path`` means, in words."""
+    code = exc.errno
+    if code == errno.ENOENT:
+        if os.path.islink(path):
+            return f"symbolic link to a missing file ({os.readlink(path)})"
+        return "checkpoint file not found"
+    if code == errno.ELOOP:
+        return "symbolic link loop (too many levels of symbolic links), not a file"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied: the checkpoint cannot be read"
+    if code == errno.ENOTDIR:
+        return "checkpoint file not found (a folder in its path is a file)"
+    if code == errno.EISDIR:
+        return "is a directory, not a file"
+    return f"cannot be read: {exc.strerror or exc}"
 
-    metadata = header.pop("__metadata__", None)
-    data_len = len(data) - 8 - n
-    end_max = 0
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            ok = all(isinstance(s, int) and s >= 0 for s in shape) and 0 <= begin <= end
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise _fail(path, f"tensor {name!r}: malformed header entry {entry!r}")
-        if dtype not in _DTYPE_BYTES:
-            raise _fail(path, f"tensor {name!r}: unsupported dtype {dtype!r}")
-        need = math.prod(shape) * _DTYPE_BYTES[dtype]
-        if end - begin != need:
-            raise _fail(
-                path,
-                f"tensor {name!r}: header says shape {list(shape)} {dtype} ({need} bytes) but "
-                f"its data span {end - begin} bytes — header edited or file corrupt",
-            )
-        end_max = max(end_max, end)
-    if end_max > data_len:
-        raise _fail(
-            path,
-            f"truncated: tensor data should be {end_max} bytes, only {data_len} are present",
-        )
+
+@contextmanager
+def _open_checkpoint(path: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """The regular file at ``path`` open for reading, and its size; any OS error as one line.
+
+    A FIFO, device or directory is refused before it is read (``/dev/zero`` never ends; a FIFO
+    would block ``open`` until a writer comes).
+    """
     try:
-        tensors = _st_load(data)
-    except SafetensorError as exc:
-        raise _fail(path, f"corrupt safetensors file: {exc}") from None
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise _fail(path, "safetensors __metadata__ must map strings to strings")
-    _check_finite(path, tensors)
-    return tensors, metadata
+        info = os.stat(path)
+    except OSError as exc:
+        raise _fail(path, _os_problem(path, exc)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise _fail(path, "is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise _fail(path, "not a regular file (a device, pipe or socket)")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _fail(path, _os_problem(path, exc)) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)  # the file opened, whatever the path names by now
+        if not stat.S_ISREG(info.st_mode):
+            raise _fail(path, "not a regular file (a device, pipe or socket)")
+        try:
+            yield f, info.st_size
+        except OSError as exc:
+            raise _fail(path, _os_problem(path, exc)) from None
 
 
 def _check_finite(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -294,6 +276,15 @@ def _check_finite(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None
             bad = int((~torch.isfinite(t)).sum())
             if bad:
                 raise _fail(path, f"tensor {name!r} has {bad} NaN/inf value(s)")
+
+
+def _type_name(value: Any) -> str:
+    """The JSON type of a parsed value, with its article: "an array", "a number" …"""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
 
 
 def _parse_meta(path: Path, metadata: Mapping[str, str] | None) -> dict[str, Any]:
@@ -307,12 +298,12 @@ def _parse_meta(path: Path, metadata: Mapping[str, str] | None) -> dict[str, Any
         )
     try:
         meta = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise _fail(path, f"the {METADATA_KEY!r} metadata is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise _fail(path, f"the {METADATA_KEY!r} metadata is not a JSON object")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise _fail(path, "metadata lacks an integer 'format_version'")
     if version > FORMAT_VERSION:
         raise _fail(
@@ -320,9 +311,18 @@ def _parse_meta(path: Path, metadata: Mapping[str, str] | None) -> dict[str, Any
             f"checkpoint format version {version} is newer than this package reads "
             f"({FORMAT_VERSION}); upgrade napari-confocal-stain",
         )
-    for key, kind in (("architecture", str), ("kwargs", dict), ("normalization", dict)):
-        if not isinstance(meta.get(key), kind):
-            raise _fail(path, f"metadata lacks {key!r} (a JSON {kind.__name__})")
+    for key, kind, name in (
+        ("architecture", str, "string"),
+        ("kwargs", dict, "object"),
+        ("normalization", dict, "object"),
+    ):
+        if key not in meta:
+            raise _fail(path, f"metadata lacks {key!r} (a JSON {name})")
+        if not isinstance(meta[key], kind):
+            raise _fail(
+                path,
+                f"metadata {key!r} must be a JSON {name}, not {_type_name(meta[key])}",
+            )
     return meta
 
 
@@ -348,14 +348,67 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         metadata JSON, NaN/inf weights.
     """
     path = Path(path)
-    tensors, metadata = _read_safetensors(path)
-    return tensors, _parse_meta(path, metadata)
+    with _open_checkpoint(path) as (f, size):
+        header = read_header(f, size, path)
+        meta = _parse_meta(path, header.metadata)
+        tensors = read_tensors(f, header, path)
+    _check_finite(path, tensors)
+    return tensors, meta
+
+
+def _expected_state(
+    where: str | Path, architecture: Any, kwargs: Any
+) -> tuple[ModelSpec, nn.Module]:
+    """The architecture's spec and the model built on the meta device (no memory), kwargs checked.
+
+    The kwargs are checked against their limits first: building on the meta device costs no
+    memory but its time grows with the number of modules the kwargs ask for.
+    """
+    try:
+        spec = model_spec(architecture)
+    except (KeyError, TypeError):
+        raise _fail(
+            where,
+            f"unknown architecture {architecture!r}; known: {', '.join(available_models())}",
+        ) from None
+    try:
+        full = checked_kwargs(spec.name, kwargs)
+        with torch.device("meta"):
+            model = build_model(spec.name, **full)
+    except (TypeError, ValueError) as exc:
+        raise _fail(where, f"kwargs do not build {spec.name!r}: {exc}") from None
+    return spec, model
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
+def _count(n: int) -> str:
+    """A parameter count for a message: 1,234,567 or 1.2e+13."""
+    return f"{n:,}" if n < 10**12 else f"{n:.1e}"
 
 
 def _check_tensors(
-    where: str | Path, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
+    where: str | Path, expected: Mapping[str, Any], found: Mapping[str, Any]
 ) -> None:
-    """Raise naming every missing/unexpected tensor, or the first shape or dtype mismatch."""
+    """Refuse unless ``found`` has exactly ``expected``'s names, shapes and dtype kinds.
+
+    Both map names to anything with ``shape`` and ``dtype`` (tensors, meta tensors, header
+    entries), so a file is judged from its header before its data is read. Also refuses an
+    architecture beyond :data:`~napari_confocal_stain.models.limits.MAX_PARAMETERS`.
+    """
+    want_total = sum(math.prod(t.shape) for t in expected.values())
+    got_total = sum(math.prod(t.shape) for t in found.values())
+    totals = (
+        f" (the architecture has {_count(want_total)} parameters, the file {_count(got_total)})"
+        if want_total != got_total
+        else ""
+    )
     missing = set(expected) - set(found)
     unexpected = set(found) - set(expected)
     if missing or unexpected:
@@ -364,39 +417,41 @@ def _check_tensors(
             parts.append(f"missing tensors: {_names(missing)}")
         if unexpected:
             parts.append(f"unexpected tensors: {_names(unexpected)}")
-        raise _fail(where, "; ".join(parts))
+        raise _fail(where, "; ".join(parts) + totals)
     for name, want in expected.items():
         got = found[name]
         if tuple(got.shape) != tuple(want.shape):
             raise _fail(
                 where,
                 f"tensor {name!r} has shape {list(got.shape)} in the file, the architecture "
-                f"expects {list(want.shape)}",
+                f"expects {list(want.shape)}{totals}",
             )
-        if got.is_floating_point() != want.is_floating_point():
-            kind = "floating-point" if want.is_floating_point() else "integer"
+        if _kind(got.dtype) != _kind(want.dtype):
             raise _fail(
                 where,
                 f"tensor {name!r} is {got.dtype} in the file, the architecture expects "
-                f"{kind} ({want.dtype})",
+                f"{_kind(want.dtype)} ({want.dtype})",
             )
+    if want_total > MAX_PARAMETERS:
+        raise _fail(
+            where,
+            f"the architecture has {_count(want_total)} parameters, more than this package "
+            f"loads ({_count(MAX_PARAMETERS)})",
+        )
 
 
 def _resolve(name_or_path: str | Path) -> Path:
-    """A bundled weight name or a path → an existing file path."""
+    """A bundled weight name or a path → a path (whether it can be read is checked later)."""
     text = str(name_or_path)
     looks_like_path = (
         isinstance(name_or_path, Path)
         or os.sep in text
         or "/" in text
         or text.endswith((".safetensors", *LEGACY_SUFFIXES))
-        or Path(text).exists()
+        or os.path.lexists(text)  # lexists: a broken link or a link loop is still a path
     )
     if looks_like_path:
-        path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise _fail(path, "checkpoint file not found")
-        return path
+        return Path(name_or_path).expanduser()
     path = WEIGHTS_DIR / f"{text}.safetensors"
     if path.is_file():
         return path
@@ -413,27 +468,82 @@ def _resolve(name_or_path: str | Path) -> Path:
     )
 
 
-def _load_legacy(
-    path: Path, architecture: str | None, kwargs: Mapping[str, Any] | None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a pickle-based .pt/.pth state dict with ``weights_only=True`` only."""
-    if architecture is None:
+def _torch_load_problem(exc: Exception) -> str:
+    """What ``torch.load(..., weights_only=True)`` failed on, in one line."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, pickle.UnpicklingError) and first.startswith("Weights only load failed"):
+        # The reason sits between paragraphs of advice (their wording varies by torch version).
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        reasons = [
+            p.replace("WeightsUnpickler error:", "").strip()
+            for p in paragraphs[1:]
+            if not p.startswith(("Check the documentation", "Please file an issue", "Re-running"))
+        ]
+        reason = " ".join(" ".join(reasons).split()) or first
+        return (
+            f"refused: not a plain tensor state dict readable with weights_only=True "
+            f"({reason[:300]}); nothing in it was run"
+        )
+    detail = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+    if isinstance(exc, EOFError) or "EOF" in first:
+        return f"truncated: the file ends early ({detail})"
+    if "can't allocate memory" in first or isinstance(exc, MemoryError):
+        # A legacy pickle states each storage's size before its bytes; torch allocates first.
+        return f"declares more tensor data than can be allocated ({first[:200]})"
+    return f"truncated or corrupt PyTorch file ({detail})"
+
+
+def _check_legacy_zip(path: Path, f: BinaryIO, size: int) -> None:
+    """Refuse a corrupt or truncated zip, or one whose members would expand beyond the limit.
+
+    ``torch.load`` allocates each member at the size its zip entry declares and inflates
+    compressed members (``torch.save`` stores them uncompressed), so a small zip could ask
+    for any amount of memory.
+    """
+    try:
+        with zipfile.ZipFile(f) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        f.seek(0)
+        # A zip's directory is at its end: a zip that starts well but has none was cut short.
+        if f.read(4) == b"PK\x03\x04" and "not a zip file" in str(exc):
+            raise _fail(
+                path, "truncated PyTorch zip file (its zip directory is missing)"
+            ) from None
+        raise _fail(path, f"corrupt PyTorch zip file ({exc})") from None
+    if declared > MAX_DATA_BYTES or declared > 16 * size + 2**20:
         raise _fail(
             path,
-            f"a legacy PyTorch file carries no architecture: call load_model(path, "
-            f"architecture=..., kwargs=...) with one of {', '.join(available_models())}",
+            f"its zip members expand to {declared} bytes from a {size}-byte file: not a "
+            f"torch.save file",
         )
+    f.seek(0)
+
+
+def _load_legacy(path: Path, f: BinaryIO, size: int) -> dict[str, torch.Tensor]:
+    """Read a pickle-based .pt/.pth state dict with ``weights_only=True`` only."""
+    start = f.read(16)
+    f.seek(0)
+    if size == 0:
+        raise _fail(path, "empty file (0 bytes), not a checkpoint")
+    if size > MAX_DATA_BYTES:
+        raise _fail(path, f"{size} bytes, more than this package loads ({MAX_DATA_BYTES})")
+    if start[:2] == b"PK":
+        _check_legacy_zip(path, f, size)
+    elif start[:1] != b"\x80":
+        hint = (
+            "; it looks like a safetensors file: name it .safetensors"
+            if int.from_bytes(start[:8], "little") < size and start[8:9] == b"{"
+            else ""
+        )
+        raise _fail(path, f"not a PyTorch file (neither a zip archive nor a pickle){hint}")
     try:
         # weights_only=True: the unpickler only builds tensors and plain containers; any other
         # global (a class, os.system …) makes it raise instead of running.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise _fail(
-            path,
-            f"refused: not a plain tensor state dict readable with weights_only=True "
-            f"({type(exc).__name__}: {first[:300]})",
-        ) from None
+        raise _fail(path, _torch_load_problem(exc)) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -445,8 +555,7 @@ def _load_legacy(
         raise _fail(path, "the legacy file does not hold a state dict of named tensors")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel
         obj = {k[len("module.") :]: v for k, v in obj.items()}
-    _check_finite(path, obj)
-    return obj, _caller_meta(architecture, kwargs, "legacy-pickle")
+    return obj
 
 
 def _caller_meta(architecture: str, kwargs: Mapping[str, Any] | None, source: str) -> dict:
@@ -454,7 +563,7 @@ def _caller_meta(architecture: str, kwargs: Mapping[str, Any] | None, source: st
     return {
         "format_version": 0,
         "architecture": architecture,
-        "kwargs": dict(kwargs or {}),
+        "kwargs": _json_dict(kwargs, "load_model: kwargs") or {},
         "normalization": None,
         "training": None,
         "extra": {"source": source},
@@ -513,49 +622,76 @@ def load_model(
     Raises
     ------
     CheckpointError
-        Any problem with the file or its match to the architecture (the message names the
-        tensor and the shapes).
+        Any problem with the file or its match to the architecture, one line naming the file
+        (and the tensor and both shapes for a mismatch). The architecture is compared with
+        the file's header before any tensor is read or any real tensor is allocated.
     DeviceError
         The device is unavailable and ``fallback`` is false.
     """
     path = _resolve(name_or_path)
-    if path.suffix.lower() in LEGACY_SUFFIXES:
-        state, meta = _load_legacy(path, architecture, kwargs)
-    else:
-        state, metadata = _read_safetensors(path)
-        if architecture is not None and not (metadata and METADATA_KEY in metadata):
-            meta = _caller_meta(architecture, kwargs, "foreign-safetensors")
-        else:
-            meta = _parse_meta(path, metadata)
-            if architecture is not None and architecture != meta["architecture"]:
+    target_dtype = _resolve_dtype(dtype)
+    header = None
+    with _open_checkpoint(path) as (f, size):
+        if path.suffix.lower() in LEGACY_SUFFIXES:
+            if architecture is None:
                 raise _fail(
                     path,
-                    f"the file is a {meta['architecture']!r} checkpoint, not {architecture!r}",
+                    f"a legacy PyTorch file carries no architecture: call load_model(path, "
+                    f"architecture=..., kwargs=...) with one of {', '.join(available_models())}",
                 )
-            given = _json_dict(kwargs, "load_model: kwargs") or {}
-            differ = {k: v for k, v in given.items() if meta["kwargs"].get(k) != v}
-            if differ:
-                raise _fail(path, f"the file records kwargs {meta['kwargs']}, not {differ}")
+            meta = _caller_meta(architecture, kwargs, "legacy-pickle")
+            # The caller's kwargs are checked before the file is unpickled.
+            spec, model = _expected_state(path, architecture, meta["kwargs"])
+            state = _load_legacy(path, f, size)
+            found: Mapping[str, Any] = state
+        else:
+            header = read_header(f, size, path)
+            if architecture is not None and not (
+                header.metadata and METADATA_KEY in header.metadata
+            ):
+                meta = _caller_meta(architecture, kwargs, "foreign-safetensors")
+            else:
+                meta = _parse_meta(path, header.metadata)
+                if architecture is not None and architecture != meta["architecture"]:
+                    raise _fail(
+                        path,
+                        f"the file is a {meta['architecture']!r} checkpoint, not {architecture!r}",
+                    )
+                given = _json_dict(kwargs, "load_model: kwargs") or {}
+                differ = {k: v for k, v in given.items() if meta["kwargs"].get(k) != v}
+                if differ:
+                    raise _fail(path, f"the file records kwargs {meta['kwargs']}, not {differ}")
+            # Judge the file against the architecture built on the meta device (no memory)
+            # before reading its tensors or allocating the real model.
+            spec, model = _expected_state(path, meta["architecture"], meta["kwargs"])
+            found = header.tensors
+        expected = model.state_dict()
+        _check_tensors(path, expected, found)
+        if header is not None:
+            state = read_tensors(f, header, path)
+    _check_finite(path, state)
 
-    arch = meta["architecture"]
-    try:
-        spec = model_spec(arch)
-    except KeyError:
-        raise _fail(
-            path, f"unknown architecture {arch!r}; known: {', '.join(available_models())}"
-        ) from None
-    try:
-        model = build_model(arch, **meta["kwargs"])
-    except (TypeError, ValueError) as exc:
-        raise _fail(path, f"kwargs {meta['kwargs']} do not build {arch!r}: {exc}") from None
-    _check_tensors(path, model.state_dict(), state)
+    # The meta model becomes the real one: strict loading overwrites every parameter and
+    # persistent buffer, so a random initialisation would be wasted work. A non-persistent
+    # buffer is not in the file and needs the constructor's value: then build for real.
+    held = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+    if held <= set(expected):
+        model = model.to_empty(device="cpu")
+    else:
+        model = build_model(spec.name, **meta["kwargs"])
     model.load_state_dict(state, strict=True)
-
+    cast = target_dtype is not None or any(
+        state[name].dtype != t.dtype for name, t in expected.items()
+    )
     meta = {**meta, "kwargs": dict(model.config), "path": str(path)}
     if meta.get("normalization") is None:
         meta["normalization"] = dict(spec.normalization)
     target = select_device(device, fallback=fallback)
-    model.to(device=target, dtype=_resolve_dtype(dtype))
+    model.to(device=target, dtype=target_dtype)
+    if cast:  # a float64 file, or dtype=, may hold values that become inf in the model's dtype
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _fail(path, f"tensor {name!r} has values too large for {t.dtype}")
     model.eval()
     model.checkpoint_meta = meta
     return model

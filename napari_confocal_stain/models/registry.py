@@ -6,6 +6,7 @@ Checkpoints store an architecture name and the constructor kwargs; ``build_model
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,6 +22,7 @@ from napari_confocal_stain.models.generators import (
     UNetGenerator,
 )
 from napari_confocal_stain.models.light import LightGenerator
+from napari_confocal_stain.models.limits import KWARG_LIMITS, KwargRule, kwarg_problems
 
 DSCM_INPUT: Mapping[str, Any] = MappingProxyType({"input": "dscm", "range": [-1, 1]})
 """Generators read the Gareau linear stain (DSCM) scaled to [-1, 1] and write RGB in [-1, 1]."""
@@ -48,6 +50,10 @@ class ModelSpec:
         The input normalisation the model expects, stored in its checkpoints.
     description
         One line for listings.
+    limits
+        Rules for constructor kwargs that :data:`~napari_confocal_stain.models.limits.KWARG_LIMITS`
+        does not cover (or overrides), for classes registered by training code. A checkpoint
+        may only set kwargs that have a rule (see :func:`checked_kwargs`).
     """
 
     name: str
@@ -56,6 +62,7 @@ class ModelSpec:
     kind: str = "generator"
     normalization: Mapping[str, Any] = field(default_factory=lambda: DSCM_INPUT)
     description: str = ""
+    limits: Mapping[str, KwargRule] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -136,6 +143,46 @@ def build_model(name: str, **overrides: Any) -> nn.Module:
         return spec.cls(**kwargs)
     except TypeError as exc:
         raise TypeError(f"build_model({name!r}, **{kwargs!r}): {exc}") from exc
+
+
+def checked_kwargs(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The full constructor kwargs of ``name`` with ``overrides``, each checked against its limit.
+
+    Unlike :func:`build_model`, which trusts its caller, this is for kwargs that come from a
+    file: each must be a parameter of the class and satisfy its rule (type and range, see
+    :mod:`napari_confocal_stain.models.limits`), so that building the architecture, even on the
+    meta device, costs bounded time.
+
+    Parameters
+    ----------
+    name
+        A name from :func:`available_models`.
+    overrides
+        The kwargs to check; they replace the registered defaults.
+
+    Returns
+    -------
+    dict
+        ``{**defaults, **overrides}``.
+
+    Raises
+    ------
+    KeyError
+        Unknown name.
+    ValueError
+        An unknown kwarg, a wrong type or a value out of range (named in the message).
+    """
+    spec = model_spec(name)
+    params = inspect.signature(spec.cls).parameters.values()
+    accepted = (
+        None
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        else [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    )
+    problem = kwarg_problems(accepted, overrides, {**KWARG_LIMITS, **spec.limits})
+    if problem is not None:
+        raise ValueError(problem)
+    return {**spec.kwargs, **overrides}
 
 
 def architecture_of(model: nn.Module) -> str:
