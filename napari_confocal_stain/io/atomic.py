@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file beside the target, fsync, then rename.
 
-An interrupted write therefore leaves either the old file or the new one, never a
-partial file (the project's rule for every output it writes).
+An interrupted or failed write therefore leaves either the old file or the new one, never a
+partial file (the project's rule for every output it writes); an ``OSError`` it raises
+names the destination.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int = 0o64
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A failed write() on an open file names no file (a full disk, say): name ours.
+            exc.filename = str(path)
         raise
     return path
