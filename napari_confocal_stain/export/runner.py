@@ -59,6 +59,7 @@ from napari_confocal_stain.errors import (
     OutputError,
     UsageError,
     disk_full,
+    user_fault,
 )
 from napari_confocal_stain.export import store
 from napari_confocal_stain.export.distributed import on_worker_setup, open_pool
@@ -629,13 +630,18 @@ def _failed(exc: BaseException, out: Path, work: Path, made: list[Path]) -> Base
         return exc
     full = disk_full(exc)
     if full is not None and work.is_dir():
-        where = full.filename if full.filename is not None else work
+        writing = f" writing {os.fsdecode(full.filename)}" if full.filename is not None else ""
         return OutputError(
             out,
-            f"disk full writing {os.fsdecode(where)}; the work so far is kept in {work}: "
-            "free space and run again with --resume",
+            f"disk full{writing}; the work so far is kept in {work}: free space and run "
+            "again with --resume",
         )
     _remove_work(work, made)
+    fault = user_fault(exc)
+    if isinstance(fault, OSError) and fault.filename is None:
+        # A failed write() on an open file names none; reads of the slide fail as
+        # MosaicError naming it, so the export's own files are what the OS refused.
+        fault.filename = str(out)
     return exc
 
 
