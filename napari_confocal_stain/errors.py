@@ -196,7 +196,9 @@ def describe_os_error(exc: OSError, subject: str | Path | None = None) -> str:
     path = exc.filename if exc.filename is not None else subject
     if exc.errno == errno.ENOTDIR and path is not None:
         culprit = _blocking_file(os.fsdecode(path))
-        if culprit is not None and culprit != os.fsdecode(path):
+        if culprit == os.fsdecode(path):
+            words = "is a file, not a folder"
+        elif culprit is not None:
             words = f"{culprit} is a file, not a folder"
     if path is None:
         return words

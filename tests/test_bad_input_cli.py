@@ -10,7 +10,6 @@ has a damaged compressed tile. The CLI runs in-process through ``cli.main`` (wha
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from _faults import IO_BRANCH, leftovers, tmpfs, unprivileged
 
 from napari_confocal_stain.cli import main
 from napari_confocal_stain.cli_common import report_error
@@ -36,7 +36,6 @@ pytestmark = pytest.mark.timeout(300)
 
 LINEAR = ["--method", "linear", "--quiet"]
 SMALL = [*LINEAR, "--region", "0:256,0:256", "--tile", "128"]
-IO_BRANCH = "needs the reader hardening (harden-io branch), not merged yet"
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -59,13 +58,6 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
-def leftovers(folder: Path) -> list[str]:
-    """What an export left in ``folder`` (work folders, temporaries, outputs)."""
-    if not folder.exists():
-        return []
-    return sorted(p.name for p in folder.iterdir())
-
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,39 +70,6 @@ def cli_env() -> dict[str, str]:
     """The entry point's environment, importing this checkout (not another editable one)."""
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, *, read_only: bool = False):
-    """A real tmpfs of ``size`` mounted at ``path`` (skips where mounting is not allowed)."""
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (",ro" if read_only else "")
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command here")
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if res.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@contextlib.contextmanager
-def unprivileged():
-    """Run as an ordinary user (root writes anywhere; nobody does not)."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 @pytest.fixture
