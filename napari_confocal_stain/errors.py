@@ -40,6 +40,11 @@ class MosaicError(ConfocalStainError, ValueError):
         where = f"{self.path}: " if self.path is not None else ""
         super().__init__(f"{where}{problem}")
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from (path, problem), not from the message: a dask worker's error then
+        # reaches the client as itself.
+        return type(self), (self.path, self.problem)
+
 
 class CheckpointError(ConfocalStainError, ValueError):
     """A model checkpoint is missing, tampered with, or does not match its architecture."""
@@ -61,6 +66,11 @@ class OutputError(ConfocalStainError):
         self.problem = problem
         where = f"{self.path}: " if self.path is not None else ""
         super().__init__(f"{where}{problem}")
+
+    def __reduce__(self) -> tuple:
+        # Rebuilt from (path, problem), not from the message: a dask worker's error then
+        # reaches the client as itself.
+        return type(self), (self.path, self.problem)
 
 
 class UsageError(ConfocalStainError, ValueError):

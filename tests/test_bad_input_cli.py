@@ -300,6 +300,19 @@ def test_corrupt_tile_found_mid_export_leaves_nothing(slide_copy, tmp_path, caps
     assert not (tmp_path / "new").exists()  # no work folder, no output, no folders made
 
 
+@pytest.mark.timeout(180)
+def test_corrupt_tile_on_a_local_cluster_is_the_same_one_line(slide_copy, tmp_path, capfd):
+    """A worker process's error reaches the user as itself (it pickles), and only once."""
+    pytest.importorskip("distributed")
+    slide = corrupt_tile(slide_copy)
+    out_dir = tmp_path / "outputs"
+    argv = [*LINEAR, "--tile", "256", "--scheduler", "local", "--workers", "1"]
+    assert run(["stain", slide, "--out", out_dir / "x.ome.zarr", *argv]) == 2
+    line = one_error_line(capfd)  # the workers' stderr too
+    assert str(slide / "DET#1" / "highres_raw.tif") in line and "corrupt" in line, line
+    assert not out_dir.exists()
+
+
 # ------------------------------------------------------------------------------ options
 
 
@@ -446,6 +459,17 @@ def test_errors_wrapped_by_libraries_are_named_for_their_cause(tmp_path):
         assert status == 2 and message == f"{full}: disk full (no space left on the device)"
     message, status = explain(MemoryError(), subject=full)
     assert (message, status) == (f"{full}: out of memory", 2)
+
+
+def test_path_errors_survive_pickling_to_and_from_worker_processes(tmp_path):
+    import pickle
+
+    from napari_confocal_stain.errors import MosaicError, OutputError
+
+    for exc in (MosaicError(tmp_path / "s.tif", "is truncated"), OutputError(None, "disk full")):
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
+        assert (back.path, back.problem) == (exc.path, exc.problem)
 
 
 # ------------------------------------------------------------------------------ entry point
