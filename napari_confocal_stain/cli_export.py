@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from napari_confocal_stain.cli_common import device, int_at_least
-from napari_confocal_stain.errors import INTERRUPTED, USER_ERROR, OutputError, explain
+from napari_confocal_stain.errors import (
+    INTERNAL_ERROR,
+    INTERRUPTED,
+    USER_ERROR,
+    OutputError,
+    explain,
+)
 from napari_confocal_stain.models.defaults import DEFAULT_DESPECKLE_MODEL, DEFAULT_STAIN_MODEL
 
 __all__ = ["add_parsers", "main", "run_batch", "run_stain"]
@@ -241,6 +247,8 @@ def run_batch(args: argparse.Namespace) -> int:
                 if status == INTERRUPTED:
                     interrupted = message
                     break
+                if status == INTERNAL_ERROR and not debug:
+                    message += " (run with --debug for the traceback)"
                 # Name the slide when the reason is about something else (its output).
                 failures.append(message if str(slide) in message else f"{slide}: {message}")
     finally:

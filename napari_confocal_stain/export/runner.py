@@ -525,9 +525,8 @@ def export_slide(
         job = _prepare(mosaic, settings, method, what, plan, ctx, fmt, compression, work, resume)
     except BaseException as exc:
         pool.close()
-        if not fresh:  # e.g. a resume with other options: that export is not ours to remove
-            raise
-        err = _failed(exc, out, work, made)
+        # A resume refused (other options, say) must not remove the export it refused.
+        err = _failed(exc, out, work, made, remove=fresh)
         if err is exc:
             raise
         raise err from exc
@@ -614,14 +613,18 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
-def _failed(exc: BaseException, out: Path, work: Path, made: list[Path]) -> BaseException:
+def _failed(
+    exc: BaseException, out: Path, work: Path, made: list[Path], *, remove: bool = True
+) -> BaseException:
     """Tidy up after a failed export and return the error to raise.
 
     Ctrl-C, a cancel and a full disk keep the work folder, since ``resume`` can then finish
-    the export. Anything else removes it, and the folders made for the output, so nothing
-    is left behind (the output itself only ever appears complete).
+    the export. Anything else removes it (if ``remove``), and the folders made for the
+    output, so nothing is left behind (the output itself only ever appears complete).
     """
     if isinstance(exc, KeyboardInterrupt):
+        if not work.is_dir():
+            return ExportCancelled(f"export to {out} interrupted before it started")
         return ExportCancelled(
             f"export to {out} interrupted; the work so far is kept in {work}: run again "
             "with --resume to continue"
@@ -636,7 +639,8 @@ def _failed(exc: BaseException, out: Path, work: Path, made: list[Path]) -> Base
             f"disk full{writing}; the work so far is kept in {work}: free space and run "
             "again with --resume",
         )
-    _remove_work(work, made)
+    if remove:
+        _remove_work(work, made)
     fault = user_fault(exc)
     if isinstance(fault, OSError) and fault.filename is None:
         # A failed write() on an open file names none; reads of the slide fail as
