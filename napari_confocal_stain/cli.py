@@ -30,6 +30,7 @@ from napari_confocal_stain.cli_common import (
     positive_float,
     report_error,
 )
+from napari_confocal_stain.errors import OutputError
 
 NORMALIZATIONS = ("percentile", "independent", "global", "average", "dtype")
 
@@ -169,6 +170,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
 
+    for parent in args.out.parents:  # mkdir would call a file in the way "already exists"
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(parent, "is a file, not a folder")
+            break
     progress, close = _progress_bar(f"synth {args.size[0]}x{args.size[1]}", args.quiet)
     try:
         out = write_synthetic_mosaic(

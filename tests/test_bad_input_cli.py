@@ -222,6 +222,8 @@ def test_folder_where_a_file_belongs_and_file_where_a_folder_belongs(
          f"{a_file}: is a file, not a folder"),
         (["metrics", synthetic_slide, "--csv", a_folder, "--quiet"],
          f"{a_folder}: is a folder"),
+        (["synth", a_file / "slide", "--size", "128", "--quiet"],
+         f"{a_file}: is a file, not a folder"),
     ]  # fmt: skip
     for argv, expected in cases:
         assert run(argv) == 2, argv
