@@ -9,8 +9,10 @@ Subcommands::
     confocal-stain batch SLIDES... --out-dir DIR
     confocal-stain metrics SLIDE [--model M] [--strategy S ...] [--cell 512] [--csv C] [--plot P]
 
-Errors the user can cause (bad paths, bad files, bad options) print one line to
-stderr and exit with status 2; nothing is written on failure.
+Errors the user can cause (bad paths, bad files, bad options, permission denied, a
+read-only or full disk, out of memory) print one line to stderr naming the file and the
+problem and exit with status 2; Ctrl-C exits with 130; a bug prints a one-line summary and
+exits with 1 (``--debug`` shows the traceback). See :mod:`napari_confocal_stain.cli_common`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from napari_confocal_stain import __version__
-from napari_confocal_stain.errors import ConfocalStainError
+from napari_confocal_stain.cli_common import (
+    add_debug_flag,
+    nonnegative_float,
+    positive_float,
+    report_error,
+)
+from napari_confocal_stain.errors import OutputError
 
 NORMALIZATIONS = ("percentile", "independent", "global", "average", "dtype")
 
@@ -60,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "slides.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_debug_flag(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser(
@@ -86,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="percentile",
         help="how intensities are mapped to [0, 1] (default: %(default)s)",
     )
-    info.add_argument("--pixel-size", type=float, default=None, help="override µm/px")
+    info.add_argument("--pixel-size", type=positive_float, default=None, help="override µm/px")
 
     synth = sub.add_parser(
         "synth",
@@ -101,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
     synth.add_argument(
         "--looks",
-        type=float,
+        type=nonnegative_float,
         default=5,
         help="speckle looks L of gamma(L, 1/L); 0 disables (default 5)",
     )
@@ -120,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_export.add_parsers(sub)
     cli_metrics.add_parser(sub)
+    for subparser in sub.choices.values():
+        add_debug_flag(subparser)
     return parser
 
 
@@ -159,6 +170,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
 
+    for parent in args.out.parents:  # mkdir would call a file in the way "already exists"
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(parent, "is a file, not a folder")
+            break
     progress, close = _progress_bar(f"synth {args.size[0]}x{args.size[1]}", args.quiet)
     try:
         out = write_synthetic_mosaic(
@@ -187,8 +203,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subject(args: argparse.Namespace) -> Path | None:
+    """The file a command works on, named by an error that names none (e.g. out of memory)."""
+    for name in ("slide", "path", "out"):
+        value = getattr(args, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``confocal-stain``; returns the exit status."""
+    """Run ``confocal-stain``; returns the exit status (0, 1 bug, 2 bad input, 130 Ctrl-C)."""
     args = build_parser().parse_args(argv)
     handler = (
         getattr(args, "func", None)
@@ -200,12 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return handler(args)
-    except ConfocalStainError as exc:
-        print(f"confocal-stain {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("confocal-stain: interrupted", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as exc:
+        return report_error(args.command, exc, subject=_subject(args), debug=args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,9 +9,11 @@
         [--resume] [--overwrite] [--scheduler ADDRESS|local] [--workers N] [--quiet]
     confocal-stain batch SLIDES... --out-dir DIR [--format ome.zarr|ome.tif] [same options]
 
-``cli.py`` adds these with :func:`add_parsers` and calls ``args.func(args)``; errors the
-user can cause raise :class:`~napari_confocal_stain.errors.ConfocalStainError`, which the
-main entry prints as one line (exit status 2). :func:`main` does the same standalone.
+``cli.py`` adds these with :func:`add_parsers` and calls ``args.func(args)``; an error
+reaches the user as one line (see :mod:`napari_confocal_stain.cli_common`). ``batch``
+goes on after a slide that fails and lists every failure at the end (exit status 2 if any
+failed). A failed export leaves nothing behind, except after Ctrl-C or on a full disk:
+then its work folder ``.OUT.partial`` is kept and ``--resume`` finishes it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from napari_confocal_stain.errors import ConfocalStainError, MosaicError
+from napari_confocal_stain.cli_common import device, int_at_least
+from napari_confocal_stain.errors import (
+    INTERNAL_ERROR,
+    INTERRUPTED,
+    USER_ERROR,
+    OutputError,
+    explain,
+)
 from napari_confocal_stain.models.defaults import DEFAULT_DESPECKLE_MODEL, DEFAULT_STAIN_MODEL
 
 __all__ = ["add_parsers", "main", "run_batch", "run_stain"]
@@ -50,18 +59,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tile",
-        type=int,
+        type=int_at_least(64, 64),
         default=1024,
         help="export chunk side in px: the unit of work and resumption (default 1024)",
     )
     p.add_argument(
         "--stats-tile",
-        type=int,
+        type=int_at_least(16, 16),
         default=512,
         help="the GAN's statistics tile (the scale it was trained at; default 512)",
     )
-    p.add_argument("--context", type=int, default=None, help="GAN context per chunk side")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument(
+        "--context", type=int_at_least(1), default=None, help="GAN context per chunk side"
+    )
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument(
         "--compression",
@@ -78,7 +89,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="dask.distributed scheduler address, or 'local' for a local cluster "
         "(default: threads in this process)",
     )
-    p.add_argument("--workers", type=int, default=None, help="threads or local workers")
+    p.add_argument(
+        "--workers", type=int_at_least(1), default=None, help="threads or local workers"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -172,10 +185,6 @@ def _export(slide: Path, out: Path, args: argparse.Namespace, scheduler: Any, re
             scheduler=scheduler,
             workers=args.workers,
         )
-    except ValueError as exc:
-        if isinstance(exc, ConfocalStainError):
-            raise
-        raise MosaicError(slide, str(exc)) from None
     finally:
         bar.close()
 
@@ -186,34 +195,76 @@ def run_stain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_outputs(slides: list[Path], out_dir: Path, fmt: str) -> list[Path]:
+    """``OUT_DIR/<slide name>.<format>``, made unique when two slides share a name."""
+    names: set[str] = set()
+    outs = []
+    for slide in slides:
+        stem = slide.name.removesuffix(".ome.zarr").removesuffix(".ome.tif")
+        try:
+            is_file = slide.is_file()
+        except OSError:  # unreadable: the export reports it; the name just needs to be unique
+            is_file = False
+        stem = stem.rsplit(".", 1)[0] if is_file else stem
+        if stem in names:
+            stem = f"{stem}-{len(names)}"
+        names.add(stem)
+        outs.append(out_dir / f"{stem}.{fmt}")
+    return outs
+
+
 def run_batch(args: argparse.Namespace) -> int:
-    """``confocal-stain batch``: export each slide; one cluster client serves them all."""
+    """``confocal-stain batch``: export each slide; one cluster client serves them all.
+
+    A slide that fails does not stop the others; every failure is listed at the end, one
+    line each (exit status 2 if any failed). Ctrl-C stops the batch (exit status 130); the
+    slide being exported keeps its work folder, so the same command with ``--resume``
+    continues where it stopped.
+    """
     from napari_confocal_stain.export.distributed import DaskPool
 
+    debug = getattr(args, "debug", False)
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise OutputError(args.out_dir, "is a file, not a folder")
     pool = None if args.scheduler is None else DaskPool(args.scheduler, args.workers)
-    failed = 0
+    failures: list[str] = []
+    interrupted: str | None = None
     try:
         scheduler = None if pool is None else pool.client
-        names: set[str] = set()
-        for slide in args.slides:
-            stem = slide.name.removesuffix(".ome.zarr").removesuffix(".ome.tif")
-            stem = stem.rsplit(".", 1)[0] if slide.is_file() else stem
-            if stem in names:
-                stem = f"{stem}-{len(names)}"
-            names.add(stem)
-            out = args.out_dir / f"{stem}.{args.format}"
+        outs = _batch_outputs(args.slides, args.out_dir, args.format)
+        for slide, out in zip(args.slides, outs, strict=True):
             if args.resume and out.exists() and not _partial(out).exists():
                 print(f"{out} (already done)")
                 continue
             try:
                 print(_export(slide, out, args, scheduler, None))
-            except ConfocalStainError as exc:
-                failed += 1
-                print(f"confocal-stain batch: error: {exc}", file=sys.stderr)
+            except (Exception, KeyboardInterrupt) as exc:
+                message, status = explain(exc, subject=slide)
+                if debug:
+                    import traceback
+
+                    traceback.print_exception(exc, file=sys.stderr)
+                if status == INTERRUPTED:
+                    interrupted = message
+                    break
+                if status == INTERNAL_ERROR and not debug:
+                    message += " (run with --debug for the traceback)"
+                # Name the slide when the reason is about something else (its output).
+                failures.append(message if str(slide) in message else f"{slide}: {message}")
     finally:
         if pool is not None:
             pool.close()
-    return 2 if failed else 0
+    for message in failures:
+        print(f"confocal-stain batch: error: {message}", file=sys.stderr)
+    if len(args.slides) > 1 and failures:
+        print(
+            f"confocal-stain batch: {len(failures)} of {len(args.slides)} slides failed",
+            file=sys.stderr,
+        )
+    if interrupted is not None:
+        print(f"confocal-stain batch: {interrupted}", file=sys.stderr)
+        return INTERRUPTED
+    return USER_ERROR if failures else 0
 
 
 def _partial(out: Path) -> Path:
@@ -221,18 +272,10 @@ def _partial(out: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``stain``/``batch`` standalone (``python -m napari_confocal_stain.cli_export``)."""
-    parser = argparse.ArgumentParser(prog="confocal-stain")
-    add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfocalStainError as exc:
-        print(f"confocal-stain {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("confocal-stain: interrupted; run again with --resume to continue", file=sys.stderr)
-        return 130
+    """Run ``stain``/``batch`` (``python -m napari_confocal_stain.cli_export``): as ``cli``."""
+    from napari_confocal_stain.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

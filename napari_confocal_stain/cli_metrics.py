@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_confocal_stain.errors import ConfocalStainError
+from napari_confocal_stain.errors import MosaicError
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_confocal_stain.engine.pipeline import StainPipeline
@@ -375,7 +375,12 @@ def measure_box(
     else:
         out = _uint8(output(level, grown))
     if out.shape != source.shape:
-        raise ValueError(f"output of {grown} has shape {out.shape}, expected {source.shape}")
+        from napari_confocal_stain.errors import UsageError
+
+        raise UsageError(
+            f"the output's pixels at {grown} have shape {out.shape}, the slide's "
+            f"{source.shape}: measure an output of the slide's size"
+        )
     f = pipeline.raw(level, grown)[1] if nuclei else None
     gy0, _, gx0, _ = grown
     inner = (y0 - gy0, y1 - gy0, x0 - gx0, x1 - gx0)
@@ -556,6 +561,7 @@ def measure_slide(
 
 def add_parser(subparsers: Any) -> None:
     """Register ``metrics`` on an ``argparse`` subparsers object (``set_defaults(func=run)``)."""
+    from napari_confocal_stain.cli_common import device, int_at_least
     from napari_confocal_stain.core.tiling import STRATEGIES
     from napari_confocal_stain.models.defaults import DEFAULT_STAIN_MODEL
 
@@ -582,24 +588,35 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--despeckle", default=None, help="despeckle R first with this model")
     p.add_argument("--cell", type=int, default=512, help="cell side in level-0 px (default 512)")
-    p.add_argument("--level", type=int, default=0, help="pyramid level to measure (default 0)")
+    p.add_argument(
+        "--level", type=int_at_least(0), default=0, help="pyramid level to measure (default 0)"
+    )
     p.add_argument("--region", type=str, default=None, help="only y0:y1,x0:x1 (level-0 pixels)")
     p.add_argument("--csv", type=Path, default=None, help="write every cell to this CSV")
     p.add_argument("--plot", type=Path, default=None, help="write the distribution plot (PNG)")
-    p.add_argument("--device", default="auto", help="torch device (default: auto)")
-    p.add_argument("--chunk", type=int, default=CHUNK_PX, help="chunk side in level-0 px")
+    p.add_argument("--device", type=device, default="auto", help="torch device (default: auto)")
+    p.add_argument(
+        "--chunk", type=int_at_least(1), default=CHUNK_PX, help="chunk side in level-0 px"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def _fail(message: str) -> int:
-    print(f"confocal-stain metrics: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run ``confocal-stain metrics``; returns the exit status (2 on bad input)."""
-    from napari_confocal_stain.core.inference import Cancelled
+    """Run ``confocal-stain metrics``; returns the exit status (2 on bad input).
+
+    Errors are reported as one line on stderr (see :mod:`napari_confocal_stain.cli_common`).
+    """
+    from napari_confocal_stain.cli_common import report_error
+
+    try:
+        return _run(args)
+    except (Exception, KeyboardInterrupt) as exc:
+        debug = getattr(args, "debug", False)
+        return report_error("metrics", exc, subject=args.slide, debug=debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     from napari_confocal_stain.core.report import (
         cells_to_csv,
         format_summary,
@@ -607,38 +624,44 @@ def run(args: argparse.Namespace) -> int:
         summarize,
     )
     from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings
+    from napari_confocal_stain.errors import OutputError, UsageError
     from napari_confocal_stain.io.readers import open_mosaic
 
     strategies = list(dict.fromkeys(args.strategy or ["seamless"]))
+    if args.cell < MIN_CELL_PX or args.cell & (args.cell - 1):
+        raise UsageError(f"--cell must be a power of two >= {MIN_CELL_PX}, got {args.cell}")
+    for out in (args.csv, args.plot):
+        if out is not None and out.is_dir():
+            raise OutputError(out, "is a folder, not an output file")
     try:
-        if args.cell < MIN_CELL_PX or args.cell & (args.cell - 1):
-            raise ValueError(f"--cell must be a power of two >= {MIN_CELL_PX}, got {args.cell}")
-        for out in (args.csv, args.plot):
-            if out is not None and out.is_dir():
-                raise ValueError(f"{out} is a folder, not an output file")
         region = parse_region(args.region) if args.region else None
-        mosaic = open_mosaic(args.slide)
-        if not 0 <= args.level < mosaic.levels:
-            raise ValueError(f"--level {args.level} out of range (slide has {mosaic.levels})")
-        h, w = mosaic.shape
-        if region is not None:
-            if region[0] >= h or region[2] >= w:
-                raise ValueError(f"region {args.region} is outside the {h}x{w} slide")
-            region = (region[0], min(region[1], h), region[2], min(region[3], w))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    mosaic = open_mosaic(args.slide)
+    if not 0 <= args.level < mosaic.levels:
+        raise UsageError(f"--level {args.level} out of range (slide has {mosaic.levels})")
+    h, w = mosaic.shape
+    if region is not None:
+        if region[0] >= h or region[2] >= w:
+            raise MosaicError(args.slide, f"region {args.region} is outside the {h}x{w} slide")
+        region = (region[0], min(region[1], h), region[2], min(region[3], w))
+    try:
         level_cell(args.cell, mosaic.downsample[args.level])
-        pipelines = {
-            s: StainPipeline(
-                mosaic,
-                StainSettings(
-                    despeckle=args.despeckle, model=args.model, strategy=s, device=args.device
-                ),
-            )
-            for s in strategies
-        }
-        for pipe in pipelines.values():
-            pipe.stain_model()  # a bad checkpoint fails here, before any work
-    except (ValueError, ConfocalStainError) as exc:
-        return _fail(str(exc))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    pipelines = {
+        s: StainPipeline(
+            mosaic,
+            StainSettings(
+                despeckle=args.despeckle, model=args.model, strategy=s, device=args.device
+            ),
+        )
+        for s in strategies
+    }
+    for pipe in pipelines.values():
+        pipe.stain_model()  # a bad checkpoint fails here, before any work
+        if args.despeckle is not None:
+            pipe.despeckle_model()
 
     bar = None
     if not args.quiet:
@@ -661,13 +684,6 @@ def run(args: argparse.Namespace) -> int:
                     bar.set_postfix_str(f"{strategy} {done}/{total}")
                     bar.update(1)
             results[strategy], origin = slide.crop(region)
-    except Cancelled:
-        return 130
-    except (ValueError, ConfocalStainError) as exc:
-        return _fail(str(exc))
-    except KeyboardInterrupt:
-        print("confocal-stain metrics: interrupted", file=sys.stderr)
-        return 130
     finally:
         if bar is not None:
             bar.close()
@@ -676,34 +692,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"# {mosaic.name} · {args.model} · {strategy} · cell {args.cell} px")
         print(format_summary(summarize(maps)))
     c = args.cell
-    try:
-        if args.csv is not None:
-            columns = {}
-            for strategy, maps in results.items():
-                for name, m in maps.items():
-                    columns[name if len(results) == 1 else f"{strategy}.{name}"] = m
-            oy, ox = origin[0] * c, origin[1] * c
-            cells_to_csv(args.csv, columns, c, (oy, ox), image_shape=(h - oy, w - ox))
-            print(f"wrote {args.csv}")
-        if args.plot is not None:
-            plot_distributions(
-                args.plot,
-                results,
-                title=f"{mosaic.name} · {args.model} · cell {c} px (level {args.level})",
-                metrics=["lbp_chi2", "ssim", "nuclei_preserved"],
-            )
-            print(f"wrote {args.plot}")
-    except (OSError, ValueError) as exc:
-        return _fail(str(exc))
+    if args.csv is not None:
+        columns = {}
+        for strategy, maps in results.items():
+            for name, m in maps.items():
+                columns[name if len(results) == 1 else f"{strategy}.{name}"] = m
+        oy, ox = origin[0] * c, origin[1] * c
+        cells_to_csv(args.csv, columns, c, (oy, ox), image_shape=(h - oy, w - ox))
+        print(f"wrote {args.csv}")
+    if args.plot is not None:
+        plot_distributions(
+            args.plot,
+            results,
+            title=f"{mosaic.name} · {args.model} · cell {c} px (level {args.level})",
+            metrics=["lbp_chi2", "ssim", "nuclei_preserved"],
+        )
+        print(f"wrote {args.plot}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m napari_confocal_stain.cli_metrics``) until wired."""
-    parser = argparse.ArgumentParser(prog="confocal-stain")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """Run ``metrics`` (``python -m napari_confocal_stain.cli_metrics``): as ``cli``."""
+    from napari_confocal_stain.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

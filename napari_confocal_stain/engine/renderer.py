@@ -208,8 +208,9 @@ class TileRenderer:
     on_tile
         Called as ``on_tile(level, ty, tx)`` from the worker when a tile is done.
     on_error
-        Called once with a message when ``compute`` fails with an error other than a
-        cancellation; the renderer then stops computing (the placeholder stays).
+        Called once with a one-line message (:func:`~napari_confocal_stain.errors.explain`)
+        when ``compute`` fails with an error other than a cancellation; the renderer then
+        stops computing (the placeholder stays).
     thread_init
         Called first in the worker thread (per-thread state such as floating-point flags).
     """
@@ -459,7 +460,11 @@ class TileRenderer:
             if isinstance(exc, _Cancel) or self._cancelled(key):
                 self.stats.cancelled.append(key)
                 return
-            msg = f"{type(exc).__name__}: {exc}"
+            from napari_confocal_stain.errors import INTERNAL_ERROR, explain
+
+            msg, status = explain(exc)  # one line naming the file and the problem
+            if status == INTERNAL_ERROR:
+                traceback.print_exc()  # a bug: keep its traceback for the report
             self.stats.error = msg
             if self.on_error is not None:
                 try:

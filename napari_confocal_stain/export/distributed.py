@@ -12,6 +12,7 @@ own device (``device="auto"``: its GPU if it has one). Workers must see the outp
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -73,6 +74,9 @@ class DaskPool:
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address=None,
+                # A task's error reaches the user once, as the export's one-line error;
+                # the workers' own "Compute Failed" logs (with tracebacks) would repeat it.
+                silence_logs=logging.CRITICAL,
             )
             self.client = Client(self._cluster)
         else:

@@ -24,12 +24,17 @@ How a run goes (``OUT`` is ``x.ome.zarr`` or ``x.ome.tif``):
    (already encoded TIFF tiles for deflate) in a temporary file next to ``OUT`` and
    renamed; the work folder is removed last.
 
-An interrupted run (Ctrl-C, ``kill -9``, power loss) leaves the work folder; ``resume=True``
+An interrupted run (Ctrl-C, ``kill -9``, power loss) or one that ran out of disk space
+leaves the work folder; ``resume=True``
 checks its manifest against the request, skips every chunk with a done flag (or, for the
 GAN, an existing piece) and recomputes only chunks that were in flight: at most one per
 worker. Tissue-free chunks cost little: the GAN engine skips tissue-free blocks (the model
 does not run), and all-white storage chunks are not written at all (they read as the
 arrays' fill value, white).
+
+A run that fails for any other reason (a bad slide, NaN found mid-export, a corrupt chunk, a
+bad checkpoint, a refused write) removes its work folder, and any folder it made for the
+output, so nothing is left behind: resuming could not make such an export succeed.
 """
 
 from __future__ import annotations
@@ -48,7 +53,14 @@ from typing import Any
 import numpy as np
 
 from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings, to_uint8
-from napari_confocal_stain.errors import ConfocalStainError, MosaicError
+from napari_confocal_stain.errors import (
+    ConfocalStainError,
+    MosaicError,
+    OutputError,
+    UsageError,
+    disk_full,
+    user_fault,
+)
 from napari_confocal_stain.export import store
 from napari_confocal_stain.export.distributed import on_worker_setup, open_pool
 from napari_confocal_stain.export.plan import Box, ExportPlan, parse_region
@@ -80,6 +92,8 @@ its context is a ~1.6 Mpx seamless pass (~2 GB of activations on the CPU)."""
 
 class ExportCancelled(ConfocalStainError):
     """The export was cancelled or interrupted; the work folder is kept for ``resume``."""
+
+    exit_status = 130
 
 
 def output_format(out: str | Path) -> str:
@@ -262,7 +276,7 @@ def _slide_identity(mosaic: Any) -> dict[str, Any]:
     for key, f in sorted(dict(getattr(mosaic, "files", {}) or {}).items()):
         try:
             st = os.stat(f)
-            files[key] = [str(Path(f).resolve()), st.st_size, st.st_mtime_ns]
+            files[key] = [str(_real(f)), st.st_size, st.st_mtime_ns]
         except OSError:
             files[key] = [str(f), None, None]
     return {
@@ -273,10 +287,15 @@ def _slide_identity(mosaic: Any) -> dict[str, Any]:
     }
 
 
+def _real(path: str | os.PathLike) -> Path:
+    """``path`` with symlinks resolved; never raises (``Path.resolve`` raises on a loop)."""
+    return Path(os.path.realpath(path))
+
+
 def _input_paths(mosaic: Any) -> list[Path]:
     paths = [Path(mosaic.source)]
     paths += [Path(f) for f in dict(getattr(mosaic, "files", {}) or {}).values()]
-    return [p.resolve() for p in paths]
+    return [_real(p) for p in paths]
 
 
 def _check_not_in_input(out: Path, mosaic: Any) -> None:
@@ -285,7 +304,7 @@ def _check_not_in_input(out: Path, mosaic: Any) -> None:
     A slide folder (Vivascope mosaic, OME-Zarr) may not contain the output at any depth; a
     slide file's folder may not hold it directly.
     """
-    target = out.resolve()
+    target = _real(out)
     for p in _input_paths(mosaic):
         if target == p:
             raise MosaicError(out, "is the input slide itself; inputs are never written to")
@@ -465,24 +484,26 @@ def export_slide(
             box = parse_region(region, mosaic.shape)  # type: ignore[arg-type]
         else:
             box = parse_region("{}:{},{}:{}".format(*box), mosaic.shape)
-        plan = ExportPlan.make(box, tile)
     except ValueError as exc:
         raise MosaicError(mosaic.source, str(exc)) from None
+    try:
+        plan = ExportPlan.make(box, tile)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     ctx = 0 if method != "gan" else int(default_context(settings) if context is None else context)
     if method == "gan" and not 0 < ctx <= plan.tile // 2:
-        raise ValueError(f"context must be in 1..tile/2 = {plan.tile // 2}, got {ctx}")
+        raise UsageError(f"context must be in 1..tile/2 = {plan.tile // 2}, got {ctx}")
 
     _check_not_in_input(out, mosaic)
     work = out.parent / f".{out.name}.partial"
     manifest_path = work / "manifest.json"
     if resume and manifest_path.is_file():
-        stored = json.loads(manifest_path.read_text())
+        stored = _read_manifest(work)
         # A finished export whose work folder was not yet removed: nothing left to do.
         if stored.get("finalized") and out.exists() and not (work / "image.zarr").exists():
             shutil.rmtree(work, ignore_errors=True)
             return out
-    if out.exists() and not overwrite:
-        raise MosaicError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    _check_output(out, fmt, overwrite)
     if work.exists() and not resume:
         if not overwrite:
             raise MosaicError(
@@ -491,6 +512,10 @@ def export_slide(
                 "to start again",
             )
         shutil.rmtree(work)
+    # The models before anything is written: a bad checkpoint leaves nothing behind.
+    _check_models(settings, method)
+    made = _missing_folders(out.parent)
+    fresh = not work.exists()
 
     # The pool first: a cluster that cannot be reached must not leave a work folder behind.
     # The GAN and the despeckling net run torch on every core already: one task at a time.
@@ -498,19 +523,30 @@ def export_slide(
     pool = open_pool(scheduler, workers, default_workers)
     try:
         job = _prepare(mosaic, settings, method, what, plan, ctx, fmt, compression, work, resume)
-    except BaseException:
+    except BaseException as exc:
         pool.close()
-        raise
+        # A resume refused (other options, say) must not remove the export it refused.
+        err = _failed(exc, out, work, made, remove=fresh)
+        if err is exc:
+            raise
+        raise err from exc
 
     try:
-        _run(job, pool, progress, cancel if scheduler is None else None, cancel)
-    except KeyboardInterrupt:
-        raise ExportCancelled(
-            f"export to {out} interrupted; run again with --resume to continue"
-        ) from None
-    finally:
-        pool.close()
+        try:
+            _run(job, pool, progress, cancel if scheduler is None else None, cancel)
+        finally:
+            pool.close()
+        return _complete(job, mosaic, out, fmt, compression)
+    except BaseException as exc:
+        err = _failed(exc, out, work, made)
+        if err is exc:
+            raise
+        raise err from exc
 
+
+def _complete(job: Job, mosaic: Any, out: Path, fmt: str, compression: str) -> Path:
+    """Write the image's metadata (its completion mark) and put the output in place."""
+    plan, method, what = job.plan, job.method, job.what
     provenance = {
         "source": str(mosaic.source),
         "method": method,
@@ -518,7 +554,7 @@ def export_slide(
         "settings": job.settings.to_dict(),
         "region": list(plan.region),
         "tile": plan.tile,
-        "context": ctx,
+        "context": job.context,
     }
     store.write_multiscales(
         job.image,
@@ -529,9 +565,99 @@ def export_slide(
         provenance=provenance,
     )
     return _finalize(
-        work, job.image, plan, out, fmt, compression, float(mosaic.pixel_size_um),
+        Path(job.work), job.image, plan, out, fmt, compression, float(mosaic.pixel_size_um),
         str(getattr(mosaic, "name", "slide")),
     )  # fmt: skip
+
+
+def _read_manifest(work: Path) -> dict[str, Any]:
+    try:
+        stored = json.loads((work / "manifest.json").read_text())
+        if not isinstance(stored, dict) or not isinstance(stored.get("request"), dict):
+            raise ValueError("not one of ours")
+    except ValueError:
+        raise MosaicError(
+            work / "manifest.json",
+            "is not a readable export manifest; pass --overwrite to start the export again",
+        ) from None
+    return stored
+
+
+def _check_output(out: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse an output that exists (even as a dangling or looping symlink) or cannot be one."""
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise MosaicError(out, "already exists; pass --overwrite (overwrite=True) to replace it")
+    if fmt == "tiff" and out.is_dir():
+        raise OutputError(out, "is a folder; an .ome.tif output must be a file")
+
+
+def _check_models(settings: StainSettings, method: str) -> None:
+    """Load the export's models (cached per process) so a bad checkpoint fails at once."""
+    from napari_confocal_stain.engine.pipeline import get_model
+
+    if method == "gan":
+        get_model(settings.model, settings.device, "stain")
+    if settings.despeckle is not None:
+        get_model(settings.despeckle, settings.device, "despeckle")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet (outermost first)."""
+    missing = []
+    for p in [folder, *folder.parents]:
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing[::-1]
+
+
+def _failed(
+    exc: BaseException, out: Path, work: Path, made: list[Path], *, remove: bool = True
+) -> BaseException:
+    """Tidy up after a failed export and return the error to raise.
+
+    Ctrl-C, a cancel and a full disk keep the work folder, since ``resume`` can then finish
+    the export. Anything else removes it (if ``remove``), and the folders made for the
+    output, so nothing is left behind (the output itself only ever appears complete).
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        if not work.is_dir():
+            return ExportCancelled(f"export to {out} interrupted before it started")
+        return ExportCancelled(
+            f"export to {out} interrupted; the work so far is kept in {work}: run again "
+            "with --resume to continue"
+        )
+    if isinstance(exc, ExportCancelled):
+        return exc
+    full = disk_full(exc)
+    if full is not None and work.is_dir():
+        writing = f" writing {os.fsdecode(full.filename)}" if full.filename is not None else ""
+        return OutputError(
+            out,
+            f"disk full{writing}; the work so far is kept in {work}: free space and run "
+            "again with --resume",
+        )
+    if remove:
+        _remove_work(work, made)
+    fault = user_fault(exc)
+    if isinstance(fault, OSError) and fault.filename is None:
+        # A failed write() on an open file names none; reads of the slide fail as
+        # MosaicError naming it, so the export's own files are what the OS refused.
+        fault.filename = str(out)
+    return exc
+
+
+def _remove_work(work: Path, made: list[Path]) -> None:
+    """Remove a work folder and the (now empty) folders made for the output."""
+    store.forget_arrays(str(work / "image.zarr"))
+    shutil.rmtree(work, ignore_errors=True)
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty (someone else's files) or gone
 
 
 def _prepare(
@@ -542,7 +668,7 @@ def _prepare(
     manifest_path = work / "manifest.json"
     request_settings = settings
     if resume and manifest_path.is_file():
-        stored = json.loads(manifest_path.read_text())
+        stored = _read_manifest(work)
         # Compare with the request as the user gave it (precision "auto" before pinning).
         asked = _manifest(mosaic, request_settings, method, what, plan, ctx, fmt, compression)
         differs = [
@@ -653,8 +779,7 @@ def export_array(
     """
     out = Path(out)
     fmt = output_format(out)
-    if out.exists() and not overwrite:
-        raise MosaicError(out, "already exists; pass overwrite=True to replace it")
+    _check_output(out, fmt, overwrite)
     shape = tuple(int(n) for n in array.shape)
     if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (3, 4))):
         raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got {shape}")
@@ -663,10 +788,11 @@ def export_array(
     channels = 1 if len(shape) == 2 else 3
     plan = ExportPlan.make((0, shape[0], 0, shape[1]), tile)
     work = out.parent / f".{out.name}.partial"
+    made = _missing_folders(out.parent)
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     image = str(work / "image.zarr")
     try:
+        work.mkdir(parents=True)
         store.create_pyramid(image, plan, channels, **_store_format(fmt, compression))
         for box in plan.chunks(0).values():
             y0, y1, x0, x1 = box
@@ -682,8 +808,7 @@ def export_array(
         )  # fmt: skip
         return _finalize(work, image, plan, out, fmt, compression, pixel_size_um, name)
     except BaseException:
-        store.forget_arrays(image)
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_work(work, made)  # not resumable: nothing is kept
         raise
 
 
@@ -851,11 +976,16 @@ class _Driver:
         except Exception as exc:
             from napari_confocal_stain.core.inference import Cancelled
 
-            if isinstance(exc, Cancelled):
-                exc = ExportCancelled("export cancelled; run again with resume to continue")
             self.settle()
-            self.flush()
-            raise exc from None
+            try:
+                self.flush()
+            except OSError:
+                pass  # e.g. the disk is full: unflagged chunks are simply redone on resume
+            if isinstance(exc, Cancelled):
+                raise ExportCancelled(
+                    "export cancelled; run again with resume to continue"
+                ) from None
+            raise
 
     def settle(self) -> None:
         """Let tasks in flight finish and record them (after a cancel or an error)."""
@@ -868,7 +998,10 @@ class _Driver:
                 except Exception:  # cancelled, or failing too: redone on resume
                     continue
                 if kind != "piece":  # a finished piece is its own file; no new work now
-                    self.handle(kind, args)
+                    try:
+                        self.handle(kind, args)
+                    except OSError:
+                        pass  # its flag could not be written (full disk?): redone on resume
 
     def run_gan(self) -> None:
         """Pieces in row-major order; a chunk is composed once its neighbours' pieces exist."""

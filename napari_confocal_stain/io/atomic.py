@@ -1,11 +1,13 @@
 """Atomic file writes: a temporary file beside the target, fsync, then rename.
 
-An interrupted write therefore leaves either the old file or the new one, never a
-partial file (the project's rule for every output it writes).
+An interrupted or failed write therefore leaves either the old file or the new one, never a
+partial file (the project's rule for every output it writes); an ``OSError`` it raises
+names the destination.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -30,7 +32,14 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int = 0o64
         ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's word for "the parent is a file": say that
+        raise NotADirectoryError(
+            errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)
+        ) from None
     blob = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -40,7 +49,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int = 0o64
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A failed write() on an open file names no file (a full disk, say): name ours.
+            exc.filename = str(path)
         raise
     return path

@@ -50,7 +50,8 @@ from napari_confocal_stain.cli_metrics import (
     measure_slide,
     slide_chunks,
 )
-from napari_confocal_stain.errors import ConfocalStainError
+from napari_confocal_stain.errors import UsageError
+from napari_confocal_stain.napari._errors import describe
 from napari_confocal_stain.napari._layers import META_KEY
 from napari_confocal_stain.napari._widgets import (
     PANEL_WIDTH,
@@ -338,7 +339,7 @@ class HeatmapsWidget(Container):
             return live.pipeline
         mosaic = slide_mosaic(self._viewer, slide)
         if mosaic is None:
-            raise ValueError("Open a slide first (File ▸ Open, or the sample slide).")
+            raise UsageError("Open a slide first (File ▸ Open, or the sample slide).")
         settings = StainSettings(model=self._model_name(), strategy=str(self.strategy.value))
         return StainPipeline(mosaic, settings)
 
@@ -348,16 +349,28 @@ class HeatmapsWidget(Container):
         s = pipeline.settings
         return f"{Path(s.model).stem} · {s.strategy}"
 
-    def _output_reader(self) -> Any:
-        """None for the GAN; else a reader of the chosen RGB layer's pixels."""
+    def _output_reader(self, shape: tuple[int, int] | None = None) -> Any:
+        """None for the GAN; else a reader of the chosen RGB layer's pixels.
+
+        ``shape`` is the slide's level-0 ``(H, W)``; a layer of another size is refused.
+        """
         if self.output.value == GAN_OUTPUT:
             return None
-        layer = self._viewer.layers[self.output.value]
+        try:
+            layer = self._viewer.layers[self.output.value]
+        except KeyError:
+            raise UsageError(f"the layer {self.output.value!r} is no longer open") from None
         levels = list(layer.data) if layer.multiscale else [layer.data]
+        size = tuple(int(n) for n in levels[0].shape[:2])
+        if shape is not None and size != tuple(shape):
+            raise UsageError(
+                f"the layer {layer.name!r} is {size[0]}x{size[1]} px but the slide is "
+                f"{shape[0]}x{shape[1]}: choose a layer of the slide"
+            )
 
         def read(level: int, box: tuple[int, int, int, int]) -> np.ndarray:
             if level >= len(levels):
-                raise ValueError(
+                raise UsageError(
                     f"layer {layer.name!r} has no pyramid level {level}; measure level 0"
                 )
             y0, y1, x0, x1 = box
@@ -440,17 +453,20 @@ class HeatmapsWidget(Container):
         slide = self.slide.value
         try:
             if not slide:
-                raise ValueError("open a slide first (File ▸ Open, or the sample slide)")
+                raise UsageError("open a slide first (File ▸ Open, or the sample slide)")
             pipeline = self._pipeline(slide)
             if not 0 <= level < pipeline.mosaic.levels:
-                raise ValueError(
+                raise UsageError(
                     f"level {level} out of range (slide has {pipeline.mosaic.levels})"
                 )
             cell = int(self.cell.value)
-            boxes = slide_chunks(pipeline, level, cell, region)
-            output = self._output_reader()
-        except (ValueError, ConfocalStainError, KeyError) as exc:
-            self._fail(f"Heatmaps: {exc}")
+            try:
+                boxes = slide_chunks(pipeline, level, cell, region)
+            except ValueError as exc:  # the cell is too small at this level
+                raise UsageError(str(exc)) from None
+            output = self._output_reader(pipeline.level_shapes[0])
+        except Exception as exc:
+            self._fail(f"Heatmaps: {describe(exc, slide)}")
             return None
         label = self._output_label(pipeline)
         self._cancel.clear()
@@ -466,7 +482,7 @@ class HeatmapsWidget(Container):
                 yield from measure_slide(
                     pipeline, level, cell, region=region, output=output, cancel=cancel
                 )
-            except (ValueError, OSError, ConfocalStainError) as exc:
+            except Exception as exc:
                 yield exc
 
         what = "visible region" if region is not None else "whole slide"
@@ -475,7 +491,6 @@ class HeatmapsWidget(Container):
         self._worker = worker
         key = (slide, label)
         worker.yielded.connect(lambda item: self._on_chunk(key, cell, item))
-        worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.cancel_button.enabled = True
         self._say(f"Measuring the {what} of {slide} at level {level} ({len(boxes)} chunks)…")
@@ -499,7 +514,7 @@ class HeatmapsWidget(Container):
         if isinstance(exc, Cancelled):
             self._say("Measurement cancelled; the cells done so far are shown.")
             return
-        self._fail(f"Heatmaps stopped: {exc}")
+        self._fail(f"Heatmaps stopped: {describe(exc, self.slide.value)}")
 
     def _on_finished(self) -> None:
         if self._pbar is not None:
@@ -743,19 +758,19 @@ class HeatmapsWidget(Container):
                     yield measure_box(
                         pipeline, level, box, cell, output=read, context=CONTEXT_PX, workers=1
                     )
-                except (ValueError, OSError, ConfocalStainError) as exc:
+                except Exception as exc:
                     yield exc
 
         def landed(item: Any) -> None:
             if isinstance(item, BaseException):
-                self._fail(f"Live heatmaps: {item}")  # one notification, then the status
+                # One notification, then the status line.
+                self._fail(f"Live heatmaps: {describe(item, slide)}")
             else:
                 self.show_block(slide, label, cell, item)
 
         worker = consume()
         self._consumer = worker
         worker.yielded.connect(landed)
-        worker.errored.connect(lambda exc: self._fail(f"Live heatmaps stopped: {exc}"))
 
         def finished() -> None:
             self._consumer = None

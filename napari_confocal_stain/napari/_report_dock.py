@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets import ComboBox, Container, Label, PushButton, Table
 
 from napari_confocal_stain.core.report import STATISTICS, summarize
+from napari_confocal_stain.errors import UsageError
+from napari_confocal_stain.napari._errors import describe
 from napari_confocal_stain.napari._heatmaps import heatmap_layers, metrics_bus
 from napari_confocal_stain.napari._widgets import _meta, _wrap
 
@@ -141,14 +143,14 @@ class MetricsReportWidget(Container):
 
         Raises
         ------
-        ValueError
+        UsageError
             Nothing measured for the slide.
         """
         from napari_confocal_stain.core.report import plot_distributions
 
         data = self._measured_values()
         if not data:
-            raise ValueError("nothing measured for this slide yet")
+            raise UsageError("nothing measured for this slide yet")
         return plot_distributions(
             path, data, metrics=list(PLOT_METRICS), title=str(self.slide.value)
         )
@@ -161,14 +163,14 @@ class MetricsReportWidget(Container):
 
         Raises
         ------
-        ValueError
+        UsageError
             Nothing measured for the slide.
         """
         from napari_confocal_stain.core.report import cells_to_csv
 
         measured = self.measured()
         if not measured:
-            raise ValueError("nothing measured for this slide yet")
+            raise UsageError("nothing measured for this slide yet")
         first = next(iter(measured.values()))
         columns = {}
         for label, maps in measured.items():
@@ -179,19 +181,28 @@ class MetricsReportWidget(Container):
         return cells_to_csv(path, columns, first.cell, image_shape=first.shape)
 
     def _ask(self, title: str, filter_: str, save: Any) -> None:
-        from napari.utils.notifications import show_error
         from qtpy.QtWidgets import QFileDialog
 
         path, _ = QFileDialog.getSaveFileName(self.native, title, "", filter_)
-        if not path:
-            return
+        if path:
+            self.save(path, save)
+
+    def save(self, path: str | Path, save: Any) -> Path | None:
+        """Run ``save(path)``; a failure is one notification and the status line.
+
+        The file is written atomically, so a failed save leaves nothing at ``path``.
+        """
+        from napari.utils.notifications import show_error
+
         try:
             out = save(path)
-        except (OSError, ValueError) as exc:
-            self.status.value = f"Not saved: {exc}"
-            show_error(f"Metrics report: {exc}")
-            return
+        except Exception as exc:
+            text = describe(exc, path)
+            self.status.value = f"Not saved: {text}"
+            show_error(f"Metrics report: {text}")
+            return None
         self.status.value = f"Saved {out}"
+        return out
 
     def _ask_png(self, *_: Any) -> None:
         self._ask("Save the distribution plot", "PNG image (*.png)", self.save_png)

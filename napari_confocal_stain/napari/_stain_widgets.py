@@ -27,6 +27,7 @@ from magicgui.widgets import (
 from napari_confocal_stain.core.tiling import STRATEGIES
 from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings
 from napari_confocal_stain.models.defaults import DEFAULT_DESPECKLE_MODEL, DEFAULT_STAIN_MODEL
+from napari_confocal_stain.napari._errors import describe
 from napari_confocal_stain.napari._layers import META_KEY
 from napari_confocal_stain.napari._live import (
     DEFAULT_CACHE_MB,
@@ -264,8 +265,9 @@ class DespeckleWidget(Container):
         def failed(exc: BaseException) -> None:
             from napari.utils.notifications import show_error
 
-            self.status.value = f"Not despeckled: {exc}"
-            show_error(f"Despeckle: {exc}")
+            text = describe(exc, settings.despeckle)
+            self.status.value = f"Not despeckled: {text}"
+            show_error(f"Despeckle: {text}")
 
         _check_model_async(settings.despeckle, settings.device, ok, failed, "despeckle")
         return None
@@ -490,24 +492,32 @@ class GanStainWidget(Container):
             self.start_button.enabled = True
             self._show(slide, mosaic, replace(settings, **resolved))
 
-        def failed(exc: BaseException) -> None:
+        def failed(exc: BaseException, model: str) -> None:
             from napari.utils.notifications import show_error
 
             self.start_button.enabled = True
-            self.status.value = f"Not started: {exc}"
-            show_error(f"GAN stain: {exc}")
+            text = describe(exc, model)
+            self.status.value = f"Not started: {text}"
+            show_error(f"GAN stain: {text}")
 
         from napari_confocal_stain.napari._live import GAN_MARGIN
 
         margin = min(GAN_MARGIN, settings.tile // 2)
-        _check_model_async(
-            settings.model, settings.device, ok, failed, "stain", settings.precision,
-            warm_tile=(settings.tile, margin),
-        )  # fmt: skip
+
+        def load_stain(*_: Any) -> None:
+            _check_model_async(
+                settings.model, settings.device, ok, lambda e: failed(e, settings.model),
+                "stain", settings.precision, warm_tile=(settings.tile, margin),
+            )  # fmt: skip
+
+        # One model after the other, so a failure is reported once and no layer appears.
         if settings.despeckle is not None:
             _check_model_async(
-                settings.despeckle, settings.device, lambda *_: None, failed, "despeckle"
-            )
+                settings.despeckle, settings.device, load_stain,
+                lambda e: failed(e, settings.despeckle), "despeckle",
+            )  # fmt: skip
+        else:
+            load_stain()
 
     def _show(self, slide: str, mosaic: Any, settings: StainSettings) -> LiveLayer:
         pipeline = StainPipeline(mosaic, settings, slide_id=str(mosaic.source))
@@ -580,6 +590,9 @@ class GanStainWidget(Container):
         if not target.name or not target.name.lower().endswith(suffixes):
             self.export_status.value = "Choose an output name ending in .ome.zarr or .ome.tif."
             return None
+        if self._export_worker is not None:
+            self.export_status.value = "An export is running; cancel it first."
+            return None
         what = str(self.export_what.value)
         if what == "despeckled-r" and settings.despeckle is None:
             desp = self._despeckle.model.choice if self._despeckle is not None else None
@@ -597,7 +610,8 @@ class GanStainWidget(Container):
             def cancel() -> bool:
                 return self._export_cancelled
 
-            # Errors are returned, not raised (one report, in our status line).
+            # Errors are returned, not raised (one report, in our status line). The runner
+            # leaves nothing behind on a failure, except what a resume can finish.
             try:
                 path = export_slide(
                     mosaic,
@@ -636,6 +650,7 @@ class GanStainWidget(Container):
             from napari.utils.notifications import show_error, show_info
 
             timer.stop()
+            self._export_worker = None
             self.export_button.enabled = True
             self.export_cancel.enabled = False
             path, exc = result
@@ -648,10 +663,12 @@ class GanStainWidget(Container):
                     f"Export cancelled; export to {target.name} again to resume."
                 )
             else:
-                self.export_status.value = f"Export failed: {exc}"
-                show_error(f"Export: {exc}")
+                text = describe(exc, target)
+                self.export_status.value = f"Export failed: {text}"
+                show_error(f"Export: {text}")
 
         worker.returned.connect(finished)
+        worker.finished.connect(lambda: setattr(self, "_export_worker", None))
         timer.start()
         worker.start()
         return worker

@@ -26,7 +26,7 @@ from napari_confocal_stain.core.linear_stain import (
     GAREAU_DEFAULTS,
 )
 from napari_confocal_stain.engine.linear_view import LinearStainView
-from napari_confocal_stain.errors import ConfocalStainError
+from napari_confocal_stain.napari._errors import describe
 from napari_confocal_stain.napari._layers import META_KEY, layer_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,9 +209,10 @@ class LinearStainWidget(Container):
             # uint8 views read on slicing (a quarter of a float texture): only the file
             # tiles under the view, stained by table lookup for 8-bit slides.
             levels = LinearStainView(mosaic, method, self.coefficients()).levels()
-        except (ValueError, ConfocalStainError) as exc:
-            self.status.value = f"Not stained: {exc}"
-            show_error(f"Linear stain: {exc}")
+        except Exception as exc:
+            text = describe(exc, mosaic.source)
+            self.status.value = f"Not stained: {text}"
+            show_error(f"Linear stain: {text}")
             return None
         meta = {
             META_KEY: {
@@ -373,12 +374,22 @@ class ConfocalStainWidget(Container):
         self.info.value = "Preparing the sample slide…"
 
         @thread_worker(progress={"desc": "Preparing the sample slide"})
-        def _prepare() -> Path:
-            return sample_slide_path()
+        def _prepare() -> tuple[Path | None, BaseException | None]:
+            # Returned, not raised: napari would report a raised error a second time.
+            try:
+                return sample_slide_path(), None
+            except Exception as exc:
+                return None, exc
+
+        def done(result: tuple[Path | None, BaseException | None]) -> None:
+            path, exc = result
+            if exc is None:
+                self._sample_ready(path)
+            else:
+                self._sample_failed(exc)
 
         worker = _prepare()
-        worker.returned.connect(self._sample_ready)
-        worker.errored.connect(self._sample_failed)
+        worker.returned.connect(done)
         worker.finished.connect(lambda: setattr(self.sample_button, "enabled", True))
         worker.start()
         return worker
@@ -389,5 +400,6 @@ class ConfocalStainWidget(Container):
     def _sample_failed(self, exc: BaseException) -> None:
         from napari.utils.notifications import show_error
 
-        self.info.value = f"Sample slide failed: {exc}"
-        show_error(f"Could not prepare the sample slide: {exc}")
+        text = describe(exc)
+        self.info.value = f"Sample slide failed: {text}"
+        show_error(f"Could not prepare the sample slide: {text}")

@@ -61,7 +61,15 @@ def write_image_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[
     list of str
         ``[path]`` when written; ``[]`` when the layer is not a 2-D RGB or grey image
         (napari then reports that no writer could save it).
+
+    Raises
+    ------
+    OutputError
+        The file could not be written (permission, read-only or full disk, a folder in the
+        way, …): one line naming the file and the problem, which napari shows as one
+        notification. Nothing is left at ``path`` or beside it.
     """
+    from napari_confocal_stain.errors import USER_ERROR, OutputError, explain
     from napari_confocal_stain.export.runner import export_array
 
     level0 = data[0] if attributes.get("multiscale") or isinstance(data, list) else data
@@ -72,11 +80,19 @@ def write_image_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[
     scale = attributes.get("scale") or (1.0, 1.0)
     px = float(scale[-2]) if float(scale[-2]) > 0 else 1.0
     view = _AsUint8(level0, None if rgb else attributes.get("contrast_limits"))
-    out = export_array(
-        view,
-        path,
-        pixel_size_um=px,
-        name=str(attributes.get("name") or "image"),
-        overwrite=True,  # napari's save dialog has already asked about replacing
-    )
+    try:
+        out = export_array(
+            view,
+            path,
+            pixel_size_um=px,
+            name=str(attributes.get("name") or "image"),
+            overwrite=True,  # napari's save dialog has already asked about replacing
+        )
+    except Exception as exc:
+        message, status = explain(exc, path)
+        if status != USER_ERROR:
+            raise  # a bug: napari shows it with its traceback
+        if str(path) in message:
+            raise OutputError(None, message) from exc
+        raise OutputError(path, f"not saved: {message}") from exc
     return [str(out)]
