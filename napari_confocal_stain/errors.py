@@ -30,6 +30,10 @@ class MosaicError(ConfocalStainError, ValueError):
         where = f"{self.path}: " if self.path is not None else ""
         super().__init__(f"{where}{problem}")
 
+    def __reduce__(self) -> tuple[type, tuple[Path | None, str]]:
+        # Rebuilt from (path, problem): a dask worker process raises it to the caller.
+        return type(self), (self.path, self.problem)
+
 
 class CheckpointError(ConfocalStainError, ValueError):
     """A model checkpoint is missing, tampered with, or does not match its architecture."""

@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_PERCENTILES",
     "NORMALIZATION_MODES",
     "apply_normalization",
+    "display_limits",
     "dtype_range",
     "normalization_stats",
     "normalize_pair",
@@ -230,6 +231,38 @@ def apply_normalization(x: Any, low: float, high: float) -> Any:
             meta=np.empty((0,) * x.ndim, np.float32),
         )
     return _affine_clip_block(x, low, scale)
+
+
+def display_limits(
+    values: Any, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> tuple[float, float]:
+    """Display contrast limits from robust percentiles of a sample of an image.
+
+    Percentiles rather than min/max keep a few hot pixels of speckle from washing the
+    image out.
+
+    Parameters
+    ----------
+    values
+        A sample of the image (numpy, any shape); NaN and inf are ignored.
+    percentiles
+        Lower and upper percentiles (0-100).
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)`` with ``high > low``: min and max if the percentiles coincide,
+        ``(low, low + 1)`` for a constant sample and ``(0, 1)`` for an empty one.
+    """
+    finite = _finite_values(values).astype(np.float64, copy=False)
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(finite, percentiles))
+    if not hi > lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if not hi > lo:
+        hi = lo + 1.0
+    return lo, hi
 
 
 def normalize_pair(
