@@ -168,14 +168,17 @@ def write_declared_tiff(
     samples: int = 1,
     tile: tuple[int, int] = (512, 512),
     fill: float = 0,
-    tiles: dict[int, np.ndarray] | None = None,
+    tiles: dict[int, np.ndarray | bytes] | None = None,
     compress: bool = True,
+    tile_bytes: bytes | None = None,
 ) -> Path:
     """A tiled TIFF declaring ``shape`` px that costs little disk: tiles share their bytes.
 
     Every tile's offset points at one encoded tile of ``fill`` (deflate, or raw), so a
     200000² image takes a few MB (its tile tables). ``tiles`` gives other contents for
-    some tile indices (row-major), e.g. a tile holding NaN. ``samples`` > 1 stores that
+    some tile indices (row-major), e.g. a tile holding NaN, or bytes stored as they are
+    (garbage for a corrupt tile); ``tile_bytes`` replaces the shared tile's bytes (so a
+    huge tile need not be encoded). ``samples`` > 1 stores that
     many interleaved channels per pixel. Written by hand (classic TIFF, little-endian):
     tifffile writes every tile it declares.
     """
@@ -193,9 +196,13 @@ def write_declared_tiff(
         raw = np.ascontiguousarray(block, dtype=dt).tobytes()
         return zlib.compress(raw, 6) if compress else raw
 
-    default = encode(np.full((th, tw, samples), fill, dt))
+    default = (
+        tile_bytes if tile_bytes is not None else encode(np.full((th, tw, samples), fill, dt))
+    )
     extra = {
-        int(i): encode(np.broadcast_to(t.reshape(th, tw, -1), (th, tw, samples)))
+        int(i): t
+        if isinstance(t, bytes)
+        else encode(np.broadcast_to(t.reshape(th, tw, -1), (th, tw, samples)))
         for i, t in (tiles or {}).items()
     }
     sample_format = {"u": 1, "i": 2, "f": 3, "b": 1, "c": 6}[dt.kind]

@@ -203,11 +203,17 @@ def _scale_of(transforms: Any, ndim: int) -> list[float]:
     return scale
 
 
+class _BadMetadata(ValueError):
+    """OME-NGFF metadata of the wrong structure (said in words)."""
+
+
 def _find_multiscales(node: Any) -> tuple[Any, dict[str, Any] | None, dict[str, Any], str]:
     """Return ``(group, multiscale dict, ome attrs, version)`` of the first image found."""
     attrs = dict(node.attrs)
     ome = attrs.get("ome", attrs) if isinstance(attrs.get("ome"), dict) else attrs
     ms = ome.get("multiscales")
+    if ms is not None and not (isinstance(ms, list) and ms and isinstance(ms[0], dict)):
+        raise _BadMetadata("'multiscales' is not a list of objects")
     if ms:
         version = str(ome.get("version") or ms[0].get("version") or "")
         return node, ms[0], ome, version
@@ -288,10 +294,26 @@ def open_omezarr(path: str | Path) -> ZarrImage:
         raise
     except OSError as exc:
         raise MosaicError(path, os_problem(exc)) from exc
+    except _BadMetadata as exc:
+        raise MosaicError(path, f"has invalid OME-NGFF metadata: {exc}") from exc
     except Exception as exc:  # malformed JSON structure: wrong types, missing keys
         raise MosaicError(
             path, f"has invalid OME-NGFF metadata ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _dataset_problem(path: str, group: Any, name: Any) -> str:
+    """Why a dataset listed in the multiscales cannot be opened: missing, a file, or bad."""
+    where = Path(path, str(group.path or ""), str(name))
+    if is_file(where):
+        return f"lists the dataset {name!r}, which is a file, not a zarr array"
+    try:
+        zarr.open_array(str(where), mode="r")
+    except FileNotFoundError:
+        return f"lacks the dataset {name!r} it lists"
+    except Exception as exc:
+        return f"lists the dataset {name!r}, whose zarr metadata is invalid ({exc})"
+    return f"lacks the dataset {name!r} it lists"
 
 
 def _image_of(path: str, node: Any) -> ZarrImage:
@@ -305,11 +327,12 @@ def _image_of(path: str, node: Any) -> ZarrImage:
         raise MosaicError(path, "has OME-NGFF multiscales without datasets")
     arrays = []
     for ds in datasets:
+        if not isinstance(ds, dict) or "path" not in ds:
+            raise _BadMetadata(f"a dataset has no 'path': {ds!r}")
         try:
             arr = group[str(ds["path"])]
         except (KeyError, TypeError) as exc:
-            name = ds.get("path") if isinstance(ds, dict) else ds
-            raise MosaicError(path, f"lacks the dataset {name!r} it lists") from exc
+            raise MosaicError(path, _dataset_problem(path, group, ds["path"])) from exc
         if not isinstance(arr, zarr.Array):
             raise MosaicError(path, f"lists the dataset {ds['path']!r}, which is not an array")
         arrays.append(arr)

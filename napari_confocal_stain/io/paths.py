@@ -28,7 +28,7 @@ __all__ = [
 _WORDS = {
     errno.EACCES: "cannot be read: permission denied",
     errno.EPERM: "cannot be read: operation not permitted",
-    errno.ELOOP: "is a symbolic link loop (or a path through one)",
+    errno.ELOOP: "is a symbolic link loop, or lies under one",
     errno.ENOENT: "does not exist",
     errno.ENOTDIR: "does not exist (a part of its path is a file, not a folder)",
     errno.ENAMETOOLONG: "has a name too long for the file system",

@@ -20,6 +20,8 @@ __all__ = [
     "COARSEST_SIDE",
     "FULL_READ_PIXELS",
     "MAX_CHUNK_BYTES",
+    "MAX_DASK_CHUNKS",
+    "MAX_LEVEL_PIXELS",
     "SAMPLE_DECODE_BUDGET",
     "STATS_MIN_PIXELS",
     "TARGET_CHUNK",
@@ -51,6 +53,15 @@ that opening never reads a whole large level."""
 
 SAMPLE_DECODE_BUDGET = 1 << 24
 """Most pixels (16 Mpx, summed over R and F) decoded to sample a large level."""
+
+MAX_LEVEL_PIXELS = 1 << 36
+"""Largest level 0 a slide may declare (68.7 Gpx, e.g. 262144² px: 19.7 cm square at
+0.75 µm/px). Opening builds dask graphs whose size grows with the level (~4 s at this
+size); a header declaring more is damaged or hostile, not a microscope slide."""
+
+MAX_DASK_CHUNKS = 1 << 17
+"""Most dask chunks a level may be cut into (a thin image of huge width still makes a
+graph of one chunk per 1024 columns)."""
 
 MAX_CHUNK_BYTES = 512 << 20
 """Largest decoded tile, strip or zarr chunk (bytes) a slide may have. Reading any pixel
@@ -323,8 +334,10 @@ def sample_blocks(
     max_blocks
         Most blocks.
     block_pixels
-        Pixels in a block: 256 × 256, or one full-width band of strip rows when the planes
-        store short, wide strips (a square block would decode hundreds of strips).
+        Pixels in a block: 256 × 256; or a whole tile when the planes store larger tiles
+        (up to 16 times that), since reading part of a tile decodes all of it; or a band
+        of strip rows when they store short, wide strips (a square block would decode
+        hundreds of strips).
 
     Returns
     -------
@@ -336,9 +349,13 @@ def sample_blocks(
     side = math.isqrt(block_pixels)
     shapes = {(min(side, h), min(side, w))}
     for p in planes:
-        th = int(getattr(p, "chunk", (side, side))[0])
-        if getattr(p, "kind", "tiled") == "strips" and th < side:
+        th, tw = (int(c) for c in getattr(p, "chunk", (side, side)))
+        kind = getattr(p, "kind", "tiled")
+        if kind == "strips" and th < side:
             shapes.add((min(th, h), min(w, max(side, block_pixels // th))))
+        elif kind == "tiled" and th * tw <= 16 * block_pixels:
+            # Tiles larger than a block are decoded whole anyway: sample all of one.
+            shapes.add((min(th, h), min(tw, w)))
 
     def cost(shape: tuple[int, int]) -> float:
         box = (0, shape[0], 0, shape[1])

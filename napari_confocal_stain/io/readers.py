@@ -44,6 +44,8 @@ from napari_confocal_stain.io.paths import (
 from napari_confocal_stain.io.pyramid import (
     FULL_READ_PIXELS,
     MAX_CHUNK_BYTES,
+    MAX_DASK_CHUNKS,
+    MAX_LEVEL_PIXELS,
     as_dask,
     dask_chunks,
     extend_pyramid,
@@ -281,9 +283,24 @@ def _stats_sample(
     return r_s, f_s, k, desc
 
 
-def _check_chunks(planes: list[Any], path: str) -> None:
-    """Refuse storage chunks so large that reading any pixel costs too much."""
+def _check_sizes(planes: list[Any], path: str) -> None:
+    """Refuse sizes whose opening or reading costs too much, whatever the file declares."""
+    h, w = planes[0].shape
+    if h * w > MAX_LEVEL_PIXELS:
+        raise MosaicError(
+            path,
+            f"declares {h}x{w} px ({h * w / 1e9:.0f} Gpx), more than the "
+            f"{MAX_LEVEL_PIXELS / 1e9:.1f} Gpx this reader opens: is its header damaged?",
+        )
     for k, plane in enumerate(planes):
+        ys, xs = dask_chunks(plane.shape, plane.chunk, plane.kind)
+        if len(ys) * len(xs) > MAX_DASK_CHUNKS:
+            raise MosaicError(
+                path,
+                f"declares level {k} of {plane.shape[0]}x{plane.shape[1]} px, which would be "
+                f"cut into {len(ys) * len(xs)} pieces of {ys[0]}x{xs[0]} px (at most "
+                f"{MAX_DASK_CHUNKS} are allowed): is its header damaged?",
+            )
         nbytes = int(getattr(plane, "chunk_bytes", 0))
         if nbytes > MAX_CHUNK_BYTES:
             th, tw = plane.chunk
@@ -323,11 +340,10 @@ def _assemble(
     _check_dtype(f_dtype, f_file)
     if r_planes[0].shape != f_planes[0].shape:
         (rh, rw), (fh, fw) = r_planes[0].shape, f_planes[0].shape
-        where = r_file if r_file == f_file else f"{r_file} and {f_file}"
         raise MosaicError(
             source,
             f"R and F differ in size: R is {rh}x{rw} px ({r_file}), F is {fh}x{fw} px "
-            f"({f_file}); they must be the same size (files: {where})",
+            f"({f_file}); they must be the same size",
         )
     # Use the stored levels both modes have (same shapes); build the rest.
     n_common = 0
@@ -336,8 +352,8 @@ def _assemble(
             break
         n_common += 1
     r_planes, f_planes = r_planes[:n_common], f_planes[:n_common]
-    _check_chunks(r_planes, r_file)
-    _check_chunks(f_planes, f_file)
+    _check_sizes(r_planes, r_file)
+    _check_sizes(f_planes, f_file)
     r_planes, f_planes = _checked(r_planes, r_file, "R"), _checked(f_planes, f_file, "F")
 
     r_s, f_s, k, desc = _stats_sample(r_planes, f_planes)
@@ -558,6 +574,12 @@ def _open_folder(folder: Path, source: str, channels: Any, **kw: Any) -> Confoca
     if len(images) > 1:
         raise MosaicError(folder, f"holds {len(images)} images; open one of them: {_list(images)}")
     visible = [e.name for e in entries if not e.name.startswith(".")]
+    if folder.name.lower().endswith(".zarr"):
+        raise MosaicError(
+            folder,
+            "has no zarr metadata (.zgroup, .zattrs, .zarray or zarr.json): not a zarr "
+            "store, or an incomplete copy of one",
+        )
     problem = "is empty" if not visible else "holds no slide"
     raise MosaicError(
         folder,

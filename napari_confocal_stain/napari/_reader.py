@@ -28,13 +28,25 @@ def _is_two_channel_tiff(path: Path) -> bool:
         return False  # not ours to judge: napari's own reader will report it
 
 
+def _unreadable(path: Path) -> bool:
+    """A looping or broken link, or a file this process may not read."""
+    from napari_confocal_stain.errors import ConfocalStainError
+    from napari_confocal_stain.io.paths import check_file
+
+    try:
+        check_file(path)
+    except ConfocalStainError:
+        return not path.is_dir()
+    return False
+
+
 def _has_detectors(folder: Path) -> bool:
     return any(detector_number(e.name) is not None and is_dir(e) for e in os.scandir(folder))
 
 
 def _claims(path: Path) -> bool:
     """Whether ``path`` is a slide this plugin opens (a cheap look: names, a TIFF header)."""
-    if path.is_dir():
+    if is_dir(path):
         if path.suffix.lower() == ".zarr" or _has_detectors(path):
             return True
         for entry in os.scandir(path):
@@ -44,6 +56,8 @@ def _claims(path: Path) -> bool:
             if not entry.name.startswith(".") and is_dir(entry) and _has_detectors(Path(entry)):
                 return True
         return False
+    if _looks_like_ours(path) and _unreadable(path):
+        return True  # say why it cannot be read (napari's own reader would only fail)
     if not path.name.lower().endswith(_TIFF):
         return False
     if path.name.lower() in RAW_NAMES and detector_number(path.parent.name) is not None:
@@ -83,9 +97,10 @@ def get_reader(path: str | Sequence[str]) -> Callable[[Any], list] | None:
         if _export_attrs(p) is not None:
             return read_export
         return read_mosaic if _claims(p) else None
-    except Exception:  # the look inside failed: let the reader say why, if it is ours
+    except Exception:  # the look inside failed: let the reader say why, if it may be ours
         try:
-            return read_mosaic if _looks_like_ours(Path(str(path))) else None
+            p = Path(str(path))
+            return read_mosaic if _looks_like_ours(p) or is_dir(p) else None
         except Exception:
             return None
 
