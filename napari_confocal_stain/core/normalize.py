@@ -26,7 +26,8 @@ Modes
 A mode whose ``low == high`` (a constant image) falls back to the ``dtype`` map for
 that mode instead of dividing by zero; the stats record it under ``"constant"``.
 NaN maps to 0 and +/-inf to 1/0 in every output, so one bad value can never poison a
-display or a network input.
+display or a network input. (Slides opened with ``open_mosaic`` never get that far: their
+reads refuse NaN/inf, see :mod:`napari_confocal_stain.io.values`.)
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@ Accepted inputs (see :func:`open_mosaic`):
 * one two-channel TIFF / OME-TIFF (channel axis first or last, or OME ``C``);
 * a two-channel OME-Zarr (NGFF 0.4/0.5).
 
-Opening reads headers plus one coarse level (for the normalisation statistics) and
-nothing else; every level of ``r`` and ``f`` is a lazy dask array.
+Opening reads headers plus a bounded sample of one coarse level (for the normalisation
+statistics and display contrast) and nothing else, whatever size the file declares; every
+level of ``r`` and ``f`` is a lazy dask array. Every failure a user can cause (a missing,
+unreadable, looping, truncated, corrupt or mislabelled input) is a :class:`MosaicError`
+naming the file and the problem.
 """
 
 from __future__ import annotations
