@@ -49,6 +49,8 @@ from napari_confocal_stain.napari._reader import get_reader
 napari = pytest.importorskip("napari")
 
 REPO = Path(napari_confocal_stain.__file__).resolve().parents[1]
+NOTHING = [(None,)]  # napari's "read, but nothing to show": no second error from napari
+PLUGIN = "napari-confocal-stain"
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -89,7 +91,7 @@ def refused(capsys, notifications) -> Callable[..., MosaicError]:
         reader = get_reader(target)
         assert reader is not None, f"napari does not claim {target}"
         notifications.clear()
-        assert reader(target) == []
+        assert reader(target) == NOTHING
         errors = [n for n in notifications if str(n.severity) == "error"]
         assert len(errors) == 1, [str(n.message) for n in notifications]
         shown = str(errors[0].message)
@@ -333,6 +335,15 @@ def test_bad_values_outside_the_sample_are_an_error_where_read(tmp_path, make, c
             assert len(lines) == 1 and str(path) in lines[0] and re.search(where, lines[0])
     finally:
         shutil.rmtree(out.parent)
+
+
+def test_a_bad_value_error_crosses_to_the_caller_from_worker_processes(tmp_path):
+    path, (y, x) = _float_pyramid(tmp_path)
+    m = open_mosaic(path)
+    region = m.f[0][y - 5 : y + 5, x - 5 : x + 5]
+    with pytest.raises(MosaicError, match=rf"rows {y}:{y + 1}, cols {x}:{x + 1}") as err:
+        region.compute(scheduler="processes", num_workers=1)
+    assert err.value.path == path
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -893,7 +904,7 @@ def test_napari_reader_never_raises(tmp_path, make, notifications):
     if reader is None:
         return
     notifications.clear()
-    assert reader(target) == []
+    assert reader(target) == NOTHING
     errors = [n for n in notifications if str(n.severity) == "error"]
     assert len(errors) == 1
 
@@ -908,9 +919,35 @@ def test_napari_reader_reports_unexpected_failures_too(tmp_path, notifications, 
 
     monkeypatch.setattr(_layers, "mosaic_layer_data", broken)
     notifications.clear()
-    assert get_reader(str(path))(str(path)) == []
+    assert get_reader(str(path))(str(path)) == NOTHING
     errors = [str(n.message) for n in notifications if str(n.severity) == "error"]
     assert len(errors) == 1 and str(path) in errors[0] and "boom" in errors[0]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not-zarr", "bad-zarr", "pair"])
+def test_a_real_viewer_shows_one_notification_and_no_layer(
+    make_napari_viewer, tmp_path, notifications, kind
+):
+    if kind == "truncated":
+        target = str(_cut(write_tiff(tmp_path / "t_R.tif", _two((256, 256))), 0.5))
+        shutil.copy(target, tmp_path / "cut_t_F.tif")
+    elif kind == "not-zarr":  # (napari itself refuses a path it cannot stat, e.g. a loop)
+        target = str(_spoil_zarr(tmp_path, "no-metadata"))
+    elif kind == "bad-zarr":
+        target = str(_spoil_zarr(tmp_path, "scale-text"))
+    else:
+        rp, fp = write_tiff(tmp_path / "a.tif", image((30, 40))), tmp_path / "b.tif"
+        fp.write_bytes(b"")
+        target = [str(rp), str(fp)]
+    viewer = make_napari_viewer()
+    notifications.clear()
+    assert viewer.open(target, plugin=PLUGIN, stack=isinstance(target, list)) == []
+    assert len(viewer.layers) == 0
+    errors = [str(n.message) for n in notifications if str(n.severity) == "error"]
+    assert (
+        len(errors) == 1
+        and Path(target[-1] if isinstance(target, list) else target).name in errors[0]
+    )
 
 
 def test_nothing_is_written_next_to_bad_inputs(tmp_path, capsys):

@@ -91,18 +91,31 @@ def get_reader(path: str | Sequence[str]) -> Callable[[Any], list] | None:
     try:
         if isinstance(path, (list, tuple)):
             if len(path) == 2 and all(str(p).lower().endswith(_TIFF) for p in path):
-                return read_mosaic
+                return _napari_read_mosaic
             return None
         p = Path(path)
         if _export_attrs(p) is not None:
-            return read_export
-        return read_mosaic if _claims(p) else None
+            return _napari_read_export
+        return _napari_read_mosaic if _claims(p) else None
     except Exception:  # the look inside failed: let the reader say why, if it may be ours
         try:
             p = Path(str(path))
-            return read_mosaic if _looks_like_ours(p) or is_dir(p) else None
+            return _napari_read_mosaic if _looks_like_ours(p) or is_dir(p) else None
         except Exception:
             return None
+
+
+# napari raises "returned no data" for an empty list, a second message after ours; this
+# sentinel tells it the path was read and holds nothing to show.
+_NOTHING = [(None,)]
+
+
+def _napari_read_mosaic(path: str | Sequence[str]) -> list:
+    return read_mosaic(path) or _NOTHING
+
+
+def _napari_read_export(path: str) -> list:
+    return read_export(path) or _NOTHING
 
 
 def _export_attrs(path: Path) -> dict | None:
@@ -123,8 +136,19 @@ def read_export(path: str) -> list:
     """Open an exported stain (``confocal-stain stain … --out X.ome.zarr``) as one layer.
 
     The export stores ``(c, y, x)`` levels (NGFF wants channels first); napari gets lazy
-    ``(y, x, c)`` views, RGB when there are three channels, in µm.
+    ``(y, x, c)`` views, RGB when there are three channels, in µm. Never raises: a
+    damaged export gives one error notification and no layer.
     """
+    from napari.utils.notifications import show_error
+
+    try:
+        return _export_layers(path)
+    except Exception as exc:
+        show_error(f"Could not open exported stain {path}: {type(exc).__name__}: {exc}")
+        return []
+
+
+def _export_layers(path: str) -> list:
     import dask.array as da
 
     p = Path(path)
