@@ -1,8 +1,9 @@
 """npe2 reader: confocal mosaics (Vivascope folders, R/F TIFF pairs, 2-channel TIFF/OME-Zarr).
 
-``get_reader`` only *claims* a path after a cheap look (folder names, a TIFF header),
-so ordinary images still go to napari's own reader. Errors while opening a claimed
-slide become one napari notification instead of a traceback dialog.
+``get_reader`` only *claims* a path after a cheap look (names by the rules of
+:mod:`napari_confocal_stain.io.naming`, a TIFF header), so ordinary images still go to
+napari's own reader. Neither it nor the reader it returns ever raises: whatever goes wrong
+while opening a claimed slide becomes one error notification naming the file, and no layer.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _unreadable(path: Path) -> bool:
     try:
         check_file(path)
     except ConfocalStainError:
-        return not path.is_dir()
+        return not is_dir(path)
     return False
 
 
@@ -105,17 +106,14 @@ def get_reader(path: str | Sequence[str]) -> Callable[[Any], list] | None:
             return None
 
 
-# napari raises "returned no data" for an empty list, a second message after ours; this
-# sentinel tells it the path was read and holds nothing to show.
-_NOTHING = [(None,)]
-
-
+# napari raises "returned no data" for an empty list (a second message after ours); its
+# sentinel [(None,)] says the path was read and holds nothing to show.
 def _napari_read_mosaic(path: str | Sequence[str]) -> list:
-    return read_mosaic(path) or _NOTHING
+    return read_mosaic(path) or [(None,)]
 
 
 def _napari_read_export(path: str) -> list:
-    return read_export(path) or _NOTHING
+    return read_export(path) or [(None,)]
 
 
 def _export_attrs(path: Path) -> dict | None:
