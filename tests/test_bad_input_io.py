@@ -118,39 +118,42 @@ def _mean2(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------ bounded work, any size
 _PROBE = r"""
 import contextlib, io, json, resource, sys, time
+import napari.utils.notifications
 from napari_confocal_stain.cli import main
 from napari_confocal_stain.io.readers import open_mosaic
-
-what, path = sys.argv[1], sys.argv[2]
-if what == "napari":
-    import napari.utils.notifications
-    from napari_confocal_stain.napari import _layers
-    from napari_confocal_stain.napari._reader import get_reader
+from napari_confocal_stain.napari import _layers
+from napari_confocal_stain.napari._reader import get_reader
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-base, t = peak(), time.perf_counter()
-if what == "open":
-    result = list(open_mosaic(path).shape)
-elif what == "info":
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        status = main(["info", path])
-    result = [status, json.loads(out.getvalue())["shape"]]
-else:
-    layers = get_reader(path)(path)
-    result = [list(kw["contrast_limits"]) for _, kw, _ in layers]
-print(json.dumps({"seconds": time.perf_counter() - t, "growth": peak() - base, "result": result}))
+path = sys.argv[1]
+base, out = peak(), {}
+t = time.perf_counter()
+out["open"] = list(open_mosaic(path).shape)
+out["open_s"] = time.perf_counter() - t
+t = time.perf_counter()
+with contextlib.redirect_stdout(io.StringIO()) as text:
+    status = main(["info", path])
+out["info"] = [status, json.loads(text.getvalue())["shape"]]
+out["info_s"] = time.perf_counter() - t
+t = time.perf_counter()
+layers = get_reader(path)(path)
+out["napari"] = [list(kw["contrast_limits"]) for _, kw, _ in layers]
+out["napari_s"] = time.perf_counter() - t
+out["growth"] = peak() - base
+print(json.dumps(out))
 """
 
 
-def _probe(what: str, path: Path) -> dict:
+def _probe(path: Path) -> dict:
+    """Open, ``info`` and the napari reader in a fresh process: results, times, memory."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run(
-        [sys.executable, "-c", _PROBE, what, str(path)],
+        [sys.executable, "-c", _PROBE, str(path)],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
         env=env,
         cwd=REPO,
     )
@@ -188,21 +191,17 @@ def _huge_zarr_deep(tmp: Path) -> tuple[Path, tuple[int, int]]:
 @pytest.mark.parametrize(
     "make", [_huge_tiff, _huge_tiff_pair, _huge_zarr_levels, _huge_zarr_v3, _huge_zarr_deep]
 )
-@pytest.mark.parametrize("what", ["open", "info", "napari"])
-def test_declared_huge_slides_open_in_bounded_time_and_memory(tmp_path, make, what):
+def test_declared_huge_slides_open_in_bounded_time_and_memory(tmp_path, make):
     path, shape = make(tmp_path)
     on_disk = sum(p.stat().st_size for p in [path, *path.rglob("*")] if p.is_file())
     assert on_disk < 20 << 20
-    run = _probe(what, path)
-    assert run["seconds"] < 20, run
+    run = _probe(path)
+    # Each front end within 20 s; the three together grow the process by < 1 GiB.
+    assert max(run["open_s"], run["info_s"], run["napari_s"]) < 20, run
     assert run["growth"] < 1 << 30, run
-    if what == "open":
-        assert run["result"] == list(shape)
-    elif what == "info":
-        assert run["result"] == [0, list(shape)]
-    else:  # explicit contrast limits for R and F, from the bounded sample
-        assert len(run["result"]) == 2
-        assert all(0.0 <= lo < hi for lo, hi in run["result"])
+    assert run["open"] == list(shape) and run["info"] == [0, list(shape)]
+    # Explicit contrast limits for R and F, from the bounded sample.
+    assert len(run["napari"]) == 2 and all(0.0 <= lo < hi for lo, hi in run["napari"]), run
 
 
 def test_statistics_sample_a_large_level_within_the_budget(tmp_path):
