@@ -26,7 +26,8 @@ Modes
 A mode whose ``low == high`` (a constant image) falls back to the ``dtype`` map for
 that mode instead of dividing by zero; the stats record it under ``"constant"``.
 NaN maps to 0 and +/-inf to 1/0 in every output, so one bad value can never poison a
-display or a network input.
+display or a network input. (Slides opened with ``open_mosaic`` never get that far: their
+reads refuse NaN/inf, see :mod:`napari_confocal_stain.io.values`.)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_PERCENTILES",
     "NORMALIZATION_MODES",
     "apply_normalization",
+    "display_limits",
     "dtype_range",
     "normalization_stats",
     "normalize_pair",
@@ -230,6 +232,38 @@ def apply_normalization(x: Any, low: float, high: float) -> Any:
             meta=np.empty((0,) * x.ndim, np.float32),
         )
     return _affine_clip_block(x, low, scale)
+
+
+def display_limits(
+    values: Any, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> tuple[float, float]:
+    """Display contrast limits from robust percentiles of a sample of an image.
+
+    Percentiles rather than min/max keep a few hot pixels of speckle from washing the
+    image out.
+
+    Parameters
+    ----------
+    values
+        A sample of the image (numpy, any shape); NaN and inf are ignored.
+    percentiles
+        Lower and upper percentiles (0-100).
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)`` with ``high > low``: min and max if the percentiles coincide,
+        ``(low, low + 1)`` for a constant sample and ``(0, 1)`` for an empty one.
+    """
+    finite = _finite_values(values).astype(np.float64, copy=False)
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(finite, percentiles))
+    if not hi > lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if not hi > lo:
+        hi = lo + 1.0
+    return lo, hi
 
 
 def normalize_pair(

@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from napari_confocal_stain.errors import MosaicError
+from napari_confocal_stain.io.paths import check_folder, is_file, os_problem
 from napari_confocal_stain.io.tiff import unit_to_um
 
 __all__ = ["ZarrImage", "ZarrPlane", "is_zarr", "open_omezarr"]
@@ -39,7 +40,12 @@ def is_zarr(path: str | Path) -> bool:
     bool
     """
     p = Path(path)
-    return p.is_dir() and any((p / m).is_file() for m in _ZARR_MARKERS)
+    try:
+        if not p.is_dir():
+            return False
+    except OSError:  # a looping link, an unreadable parent
+        return False
+    return any(is_file(p / m) for m in _ZARR_MARKERS)
 
 
 class ZarrPlane:
@@ -53,19 +59,34 @@ class ZarrPlane:
         Indices of the spatial axes.
     index
         Integer index for every other axis (the channel, and 0 for singleton t/z).
+    path
+        The store, for messages.
+    level
+        The level's index in the slide's pyramid, for messages.
     """
 
     ndim = 2
 
-    def __init__(self, array: Any, y_axis: int, x_axis: int, index: dict[int, int]) -> None:
+    def __init__(
+        self,
+        array: Any,
+        y_axis: int,
+        x_axis: int,
+        index: dict[int, int],
+        path: str = "",
+        level: int = 0,
+    ) -> None:
         self.array = array
         self.y_axis = y_axis
         self.x_axis = x_axis
         self.index = dict(index)
+        self.path = str(path)
+        self.level = int(level)
         self.shape = (int(array.shape[y_axis]), int(array.shape[x_axis]))
         self.dtype = np.dtype(array.dtype)
         chunks = array.chunks
         self.chunk = (int(chunks[y_axis]), int(chunks[x_axis]))
+        self.chunk_bytes = math.prod(int(c) for c in chunks) * self.dtype.itemsize
         self.kind = "tiled"
 
     def __repr__(self) -> str:
@@ -83,10 +104,29 @@ class ZarrPlane:
                 full.append(key[1])
             else:
                 full.append(self.index.get(axis, 0))
-        out = np.asarray(self.array[tuple(full)])
+        try:
+            out = np.asarray(self.array[tuple(full)])
+        except IndexError:
+            raise
+        except Exception as exc:  # a codec error, a damaged or unreadable chunk file
+            raise MosaicError(self.path or None, self._read_problem(key, exc)) from exc
         if self.y_axis > self.x_axis and out.ndim == 2:
             out = out.T  # (X, Y) storage order: present it as (Y, X)
         return out
+
+    def _read_problem(self, key: tuple[Any, ...], exc: Exception) -> str:
+        where = []
+        for name, k, n in zip(("rows", "cols"), key, self.shape, strict=False):
+            if isinstance(k, slice):
+                a, b, _ = k.indices(n)
+                where.append(f"{name} {a}:{b}")
+            else:
+                where.append(f"{name} {int(k)}")
+        cause = os_problem(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        return (
+            f"array {self.array.path!r} (level {self.level}), {', '.join(where)} cannot be "
+            f"read ({cause}); a chunk of the store is damaged"
+        )
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = self[:, :]
@@ -163,11 +203,17 @@ def _scale_of(transforms: Any, ndim: int) -> list[float]:
     return scale
 
 
+class _BadMetadata(ValueError):
+    """OME-NGFF metadata of the wrong structure (said in words)."""
+
+
 def _find_multiscales(node: Any) -> tuple[Any, dict[str, Any] | None, dict[str, Any], str]:
     """Return ``(group, multiscale dict, ome attrs, version)`` of the first image found."""
     attrs = dict(node.attrs)
     ome = attrs.get("ome", attrs) if isinstance(attrs.get("ome"), dict) else attrs
     ms = ome.get("multiscales")
+    if ms is not None and not (isinstance(ms, list) and ms and isinstance(ms[0], dict)):
+        raise _BadMetadata("'multiscales' is not a list of objects")
     if ms:
         version = str(ome.get("version") or ms[0].get("version") or "")
         return node, ms[0], ome, version
@@ -197,7 +243,8 @@ def _bare_array_image(path: str, arr: Any) -> ZarrImage:
         raise MosaicError(path, f"is a zarr array of shape {shape}; expected (C, Y, X)")
     n = shape[c_axis] if c_axis is not None else 1
     planes = [
-        ZarrPlane(arr, y_axis, x_axis, {} if c_axis is None else {c_axis: c}) for c in range(n)
+        ZarrPlane(arr, y_axis, x_axis, {} if c_axis is None else {c_axis: c}, path)
+        for c in range(n)
     ]
     axes = "".join(
         "yx"[[y_axis, x_axis].index(i)] if i != c_axis else "c" for i in range(len(shape))
@@ -232,10 +279,44 @@ def open_omezarr(path: str | Path) -> ZarrImage:
         If it is not zarr, has no multiscales, or has several non-spatial dimensions.
     """
     path = str(path)
+    check_folder(path)
     try:
         node = zarr.open(path, mode="r")
+    except OSError as exc:
+        raise MosaicError(path, os_problem(exc)) from exc
     except Exception as exc:
-        raise MosaicError(path, f"cannot be opened as zarr ({type(exc).__name__}: {exc})") from exc
+        raise MosaicError(
+            path, f"cannot be opened as zarr ({type(exc).__name__}: {exc}); bad metadata?"
+        ) from exc
+    try:
+        return _image_of(path, node)
+    except MosaicError:
+        raise
+    except OSError as exc:
+        raise MosaicError(path, os_problem(exc)) from exc
+    except _BadMetadata as exc:
+        raise MosaicError(path, f"has invalid OME-NGFF metadata: {exc}") from exc
+    except Exception as exc:  # malformed JSON structure: wrong types, missing keys
+        raise MosaicError(
+            path, f"has invalid OME-NGFF metadata ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _dataset_problem(path: str, group: Any, name: Any) -> str:
+    """Why a dataset listed in the multiscales cannot be opened: missing, a file, or bad."""
+    where = Path(path, str(group.path or ""), str(name))
+    if is_file(where):
+        return f"lists the dataset {name!r}, which is a file, not a zarr array"
+    try:
+        zarr.open_array(str(where), mode="r")
+    except FileNotFoundError:
+        return f"lacks the dataset {name!r} it lists"
+    except Exception as exc:
+        return f"lists the dataset {name!r}, whose zarr metadata is invalid ({exc})"
+    return f"lacks the dataset {name!r} it lists"
+
+
+def _image_of(path: str, node: Any) -> ZarrImage:
     if isinstance(node, zarr.Array):
         return _bare_array_image(path, node)
     group, ms, ome, version = _find_multiscales(node)
@@ -246,10 +327,14 @@ def open_omezarr(path: str | Path) -> ZarrImage:
         raise MosaicError(path, "has OME-NGFF multiscales without datasets")
     arrays = []
     for ds in datasets:
+        if not isinstance(ds, dict) or "path" not in ds:
+            raise _BadMetadata(f"a dataset has no 'path': {ds!r}")
         try:
-            arr = group[ds["path"]]
+            arr = group[str(ds["path"])]
         except (KeyError, TypeError) as exc:
-            raise MosaicError(path, f"lacks the dataset {ds.get('path')!r} it lists") from exc
+            raise MosaicError(path, _dataset_problem(path, group, ds["path"])) from exc
+        if not isinstance(arr, zarr.Array):
+            raise MosaicError(path, f"lists the dataset {ds['path']!r}, which is not an array")
         arrays.append(arr)
     ndim = len(arrays[0].shape)
     names, units, types = _axes_of(ms, ndim)
@@ -291,7 +376,9 @@ def open_omezarr(path: str | Path) -> ZarrImage:
             break
         levels.append(
             [
-                ZarrPlane(arr, y_axis, x_axis, {} if c_axis is None else {c_axis: c})
+                ZarrPlane(
+                    arr, y_axis, x_axis, {} if c_axis is None else {c_axis: c}, path, len(levels)
+                )
                 for c in range(n)
             ]
         )

@@ -18,10 +18,16 @@ import numpy as np
 
 __all__ = [
     "COARSEST_SIDE",
+    "FULL_READ_PIXELS",
+    "MAX_CHUNK_BYTES",
+    "MAX_DASK_CHUNKS",
+    "MAX_LEVEL_PIXELS",
+    "SAMPLE_DECODE_BUDGET",
     "STATS_MIN_PIXELS",
     "TARGET_CHUNK",
     "as_dask",
     "dask_chunks",
+    "decoded_pixels",
     "downsample_factors",
     "extend_pyramid",
     "sample_blocks",
@@ -41,8 +47,26 @@ STATS_MIN_PIXELS = 512 * 512
 pixels."""
 
 FULL_READ_PIXELS = 1 << 21
-"""A single-level image up to this size (2 Mpx) is read whole for statistics; a larger one
-is sampled (see :func:`sample_blocks`) so that opening never reads the full resolution."""
+"""A statistics level up to this size (2 Mpx) is read whole; a larger one (a single-level
+image, or a file whose pyramid stops early) is sampled (see :func:`sample_blocks`), so
+that opening never reads a whole large level."""
+
+SAMPLE_DECODE_BUDGET = 1 << 24
+"""Most pixels (16 Mpx, summed over R and F) decoded to sample a large level."""
+
+MAX_LEVEL_PIXELS = 1 << 36
+"""Largest level 0 a slide may declare (68.7 Gpx, e.g. 262144² px: 19.7 cm square at
+0.75 µm/px). Opening builds dask graphs whose size grows with the level (~4 s at this
+size); a header declaring more is damaged or hostile, not a microscope slide."""
+
+MAX_DASK_CHUNKS = 1 << 17
+"""Most dask chunks a level may be cut into (a thin image of huge width still makes a
+graph of one chunk per 1024 columns)."""
+
+MAX_CHUNK_BYTES = 512 << 20
+"""Largest decoded tile, strip or zarr chunk (bytes) a slide may have. Reading any pixel
+decodes its whole chunk, so a larger one makes every read that costly (a single-strip
+compressed image, or a zarr array stored as one chunk)."""
 
 
 def _axis_chunks(size: int, step: int) -> tuple[int, ...]:
@@ -250,41 +274,113 @@ def stats_level_index(
     return best
 
 
-def sample_blocks(
-    plane: Any, *, grid: int = 8, block: int = 256, align: int = 256
-) -> tuple[np.ndarray, str]:
-    """Read a deterministic grid of blocks spread over a large plane.
-
-    Used for the normalisation statistics of a single-level image too large to read
-    whole at open: up to ``grid × grid`` blocks of ``block²`` px (about 4 Mpx and 64 tile
-    reads in all, and never more than an eighth of the plane), aligned to ``align`` so a
-    block usually lies in one tile.
+def decoded_pixels(box: tuple[int, int, int, int], plane: Any) -> int:
+    """Pixels a plane decodes to read ``box = (y0, y1, x0, x1)``: whole tiles or strips.
 
     Parameters
     ----------
+    box
+        Rows ``y0:y1`` and columns ``x0:x1``.
     plane
-        2-D array-like supporting step-1 slicing that reads only what is sliced.
-    grid, block, align
-        Blocks per axis, block side, and alignment of block origins (px).
+        A stored plane with ``shape``, ``chunk`` (tile or strip size) and ``kind``
+        (``"contiguous"`` planes read any box directly).
+
+    Returns
+    -------
+    int
+    """
+    y0, y1, x0, x1 = box
+    if getattr(plane, "kind", "tiled") == "contiguous":
+        return (y1 - y0) * (x1 - x0)
+    h, w = plane.shape
+    th, tw = (max(1, int(c)) for c in getattr(plane, "chunk", plane.shape))
+    rows = min(h, -(-y1 // th) * th) - y0 // th * th
+    cols = min(w, -(-x1 // tw) * tw) - x0 // tw * tw
+    return rows * cols
+
+
+def _spread(n: int, size: int, block: int, align: int) -> list[int]:
+    """``n`` block origins spread evenly over ``size``, aligned where that keeps them inside."""
+    origins = set()
+    for i in range(n):
+        centre = (i + 0.5) * size / n
+        start = int(centre - block / 2) // align * align
+        origins.add(max(0, min(start, size - block)))
+    return sorted(origins)
+
+
+def sample_blocks(
+    planes: Sequence[Any],
+    *,
+    budget: int = SAMPLE_DECODE_BUDGET,
+    max_blocks: int = 64,
+    block_pixels: int = 256 * 256,
+) -> tuple[list[np.ndarray], str]:
+    """Read the same deterministic blocks, spread over a level, from each of its planes.
+
+    The normalisation statistics and contrast limits of a level too large to read whole
+    come from these. The work is bounded whatever size the level declares: at most
+    ``budget`` decoded pixels in all (whole tiles or strips count in full), at most
+    ``max_blocks`` blocks, never more than an eighth of the level, and at least one block.
+
+    Parameters
+    ----------
+    planes
+        Equal-shaped 2-D array-likes (e.g. R and F of one level) with step-1 slicing that
+        reads only what is sliced; ``chunk`` and ``kind`` attributes (see
+        :func:`decoded_pixels`) tell what a read decodes.
+    budget
+        Decoded pixels allowed, summed over the planes.
+    max_blocks
+        Most blocks.
+    block_pixels
+        Pixels in a block: 256 × 256; or a whole tile when the planes store larger tiles
+        (up to 16 times that), since reading part of a tile decodes all of it; or a band
+        of strip rows when they store short, wide strips (a square block would decode
+        hundreds of strips).
 
     Returns
     -------
     tuple
-        ``(samples, description)``: the blocks stacked as ``(n, block, block)`` (edge
-        blocks cropped to equal size) and a words description for the metadata.
+        ``(samples, description)``: per plane, the blocks stacked as ``(n, bh, bw)``
+        (pixels at the same place in every plane); and a words description.
     """
-    h, w = plane.shape
-    bh, bw = min(block, h), min(block, w)
-    # Never more than an eighth of the plane: sampling must stay far from a full pass.
-    grid = max(1, min(grid, math.isqrt(h * w // 8) // block))
-    origins_y = sorted({_aligned_origin(i, grid, h, bh, align) for i in range(grid)})
-    origins_x = sorted({_aligned_origin(i, grid, w, bw, align) for i in range(grid)})
-    blocks = [np.asarray(plane[y : y + bh, x : x + bw]) for y in origins_y for x in origins_x]
-    desc = f"{len(blocks)} blocks of {bh}x{bw} px sampled from level 0"
-    return np.stack(blocks), desc
+    h, w = planes[0].shape
+    side = math.isqrt(block_pixels)
+    shapes = {(min(side, h), min(side, w))}
+    for p in planes:
+        th, tw = (int(c) for c in getattr(p, "chunk", (side, side)))
+        kind = getattr(p, "kind", "tiled")
+        if kind == "strips" and th < side:
+            shapes.add((min(th, h), min(w, max(side, block_pixels // th))))
+        elif kind == "tiled" and th * tw <= 16 * block_pixels:
+            # Tiles larger than a block are decoded whole anyway: sample all of one.
+            shapes.add((min(th, h), min(tw, w)))
 
+    def cost(shape: tuple[int, int]) -> float:
+        box = (0, shape[0], 0, shape[1])
+        return sum(decoded_pixels(box, p) for p in planes) / (shape[0] * shape[1])
 
-def _aligned_origin(i: int, grid: int, size: int, block: int, align: int) -> int:
-    centre = (i + 0.5) * size / grid
-    start = int(centre - block / 2) // align * align
-    return max(0, min(start, size - block))
+    bh, bw = min(shapes, key=lambda s: (cost(s), -s[0] * s[1]))
+    aligns = []
+    for axis, b in ((0, bh), (1, bw)):
+        chunk = max(int(getattr(p, "chunk", (b, b))[axis]) for p in planes)
+        aligns.append(chunk if chunk <= b else b)
+    per_block = max(1, math.ceil(cost((bh, bw)) * bh * bw))
+    n = max(1, min(max_blocks, budget // per_block, h * w // 8 // (bh * bw)))
+    ny_max, nx_max = max(1, h // bh), max(1, w // bw)
+    while True:
+        gx = max(1, min(nx_max, round(math.sqrt(n * nx_max / ny_max))))
+        gy = max(1, min(ny_max, n // gx))
+        boxes = [
+            (y, y + bh, x, x + bw)
+            for y in _spread(gy, h, bh, aligns[0])
+            for x in _spread(gx, w, bw, aligns[1])
+        ]
+        total = sum(decoded_pixels(b, p) for b in boxes for p in planes)
+        if total <= budget or len(boxes) == 1:
+            break
+        n = max(1, min(len(boxes) - 1, len(boxes) * budget // total))
+    samples = [np.stack([np.asarray(p[y0:y1, x0:x1]) for y0, y1, x0, x1 in boxes]) for p in planes]
+    desc = f"{len(boxes)} blocks of {bh}x{bw} px sampled"
+    return samples, desc

@@ -8,8 +8,11 @@ Accepted inputs (see :func:`open_mosaic`):
 * one two-channel TIFF / OME-TIFF (channel axis first or last, or OME ``C``);
 * a two-channel OME-Zarr (NGFF 0.4/0.5).
 
-Opening reads headers plus one coarse level (for the normalisation statistics) and
-nothing else; every level of ``r`` and ``f`` is a lazy dask array.
+Opening reads headers plus a bounded sample of one coarse level (for the normalisation
+statistics and display contrast) and nothing else, whatever size the file declares; every
+level of ``r`` and ``f`` is a lazy dask array. Every failure a user can cause (a missing,
+unreadable, looping, truncated, corrupt or mislabelled input) is a :class:`MosaicError`
+naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -26,29 +29,40 @@ from dask.base import tokenize
 from napari_confocal_stain.core.normalize import (
     NORMALIZATION_MODES,
     apply_normalization,
+    display_limits,
     normalization_stats,
 )
 from napari_confocal_stain.errors import MosaicError
 from napari_confocal_stain.io.mosaic import ConfocalMosaic
+from napari_confocal_stain.io.naming import RAW_NAMES, detector_number, rf_pair, rf_role
 from napari_confocal_stain.io.omezarr import is_zarr, open_omezarr
+from napari_confocal_stain.io.paths import (
+    check_file,
+    check_folder,
+    is_dir,
+    is_file,
+    list_folder,
+    read_head,
+)
 from napari_confocal_stain.io.pyramid import (
     FULL_READ_PIXELS,
+    MAX_CHUNK_BYTES,
+    MAX_DASK_CHUNKS,
+    MAX_LEVEL_PIXELS,
     as_dask,
     dask_chunks,
     extend_pyramid,
     sample_blocks,
     stats_level_index,
 )
-from napari_confocal_stain.io.tiff import TIFF_SUFFIXES, is_tiff, open_tiff
+from napari_confocal_stain.io.tiff import TIFF_MAGIC, TIFF_SUFFIXES, open_tiff
+from napari_confocal_stain.io.values import CheckedPlane, needs_value_check
 
 __all__ = ["DEFAULT_PIXEL_SIZE_UM", "find_mosaics", "open_mosaic"]
 
 DEFAULT_PIXEL_SIZE_UM = 0.75
 """Vivascope 2500 pixel size, used when the file records none."""
 
-_DET_RE = re.compile(r"^det[#_ -]?([12])$", re.IGNORECASE)
-_RAW_NAMES = ("highres_raw.tif", "highres_raw.tiff")
-_PAIR_RE = re.compile(r"^(?P<stem>.+)[_-](?P<role>[RrFf])\.tiff?$")
 _R_WORDS = {"r", "refl", "reflect", "reflectance", "reflectivity", "rcm"}
 _F_WORDS = {"f", "fl", "fluo", "fluor", "fluorescence", "fcm"}
 _SKIP_WORDS = {"", "-", "_", "x", "skip", "none"}
@@ -59,21 +73,21 @@ def _det_dirs(folder: Path) -> dict[int, Path]:
     """``{1: DET#1 folder, 2: DET#2 folder}`` for the detector sub-folders present."""
     found: dict[int, Path] = {}
     try:
-        entries = list(os.scandir(folder))
-    except OSError:
+        entries = list_folder(folder)
+    except MosaicError:
         return found
     for entry in entries:
-        m = _DET_RE.match(entry.name)
-        if m and entry.is_dir():
-            found.setdefault(int(m.group(1)), Path(entry.path))
+        n = detector_number(entry.name)
+        if n is not None and is_dir(entry):
+            found.setdefault(n, Path(entry.path))
     return found
 
 
 def _raw_file(det: Path) -> Path | None:
-    for entry in sorted(os.scandir(det), key=lambda e: e.name):
-        if entry.name.lower() in _RAW_NAMES and entry.is_file():
-            return Path(entry.path)
-    return None
+    """The detector's image file (whatever it is: opening it says if it is not a file)."""
+    named = [e for e in list_folder(det) if e.name.lower() in RAW_NAMES]
+    named.sort(key=lambda e: not is_file(e))
+    return Path(named[0].path) if named else None
 
 
 def find_mosaics(folder: str | os.PathLike[str]) -> list[Path]:
@@ -97,8 +111,7 @@ def find_mosaics(folder: str | os.PathLike[str]) -> list[Path]:
         If ``folder`` is not a folder.
     """
     root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise MosaicError(root, "is not a folder")
+    check_folder(root)
     found: list[Path] = []
     for dirpath, dirnames, _files in os.walk(root):
         here = Path(dirpath)
@@ -114,31 +127,21 @@ def find_mosaics(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(found)
 
 
-def _pairs_in(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """Complete ``*_R.tif``/``*_F.tif`` pairs in a folder, and the unpaired halves."""
+def _pairs_in(entries: list[os.DirEntry[str]]) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """Complete R/F pairs among a folder's entries (see :mod:`.naming`), and unpaired halves."""
     halves: dict[str, dict[str, Path]] = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        m = _PAIR_RE.match(entry.name)
-        if m and entry.is_file():
-            halves.setdefault(m.group("stem"), {})[m.group("role").upper()] = Path(entry.path)
+    for entry in entries:
+        role = rf_role(entry.name)
+        if role is not None:
+            halves.setdefault(role[1], {}).setdefault(role[0], Path(entry.path))
     pairs = [(h["R"], h["F"]) for h in halves.values() if "R" in h and "F" in h]
     single = [p for h in halves.values() if len(h) == 1 for p in h.values()]
     return pairs, single
 
 
-def _partner(path: Path) -> tuple[Path, Path] | None:
-    """``(R, F)`` if ``path`` is ``*_R.tif`` or ``*_F.tif`` and its partner exists."""
-    m = _PAIR_RE.match(path.name)
-    if not m:
-        return None
-    stem, role, ext = m.group("stem"), m.group("role"), path.name[len(m.group("stem")) + 2 :]
-    other = "F" if role.upper() == "R" else "R"
-    for o in (other, other.lower()):
-        for sep in "_-":
-            candidate = path.with_name(f"{stem}{sep}{o}{ext}")
-            if candidate.is_file() and candidate != path:
-                return (path, candidate) if role.upper() == "R" else (candidate, path)
-    return None
+def _pair_name(path: Path) -> str:
+    role = rf_role(path.name)
+    return role[1] if role is not None else _stem(path)
 
 
 # ------------------------------------------------------------------------- channels
@@ -229,36 +232,23 @@ def _pick_channels(names: Sequence[str | None], channels: Any, path: str) -> tup
 
 # ------------------------------------------------------------------------ assembling
 def _check_dtype(dtype: np.dtype, path: str) -> None:
-    if dtype.kind in "uifb":
+    if dtype.kind in "uif":
         return
-    kind = {"c": "complex", "O": "object", "U": "text", "S": "bytes", "V": "structured"}.get(
-        dtype.kind, dtype.kind
-    )
+    kind = {
+        "b": "boolean (1-bit mask)",
+        "c": "complex",
+        "O": "object",
+        "U": "text",
+        "S": "bytes",
+        "V": "structured",
+        "M": "date",
+        "m": "time",
+    }.get(dtype.kind, dtype.kind)
     raise MosaicError(
         path,
         f"holds {kind} data ({dtype}); confocal intensities must be real numbers "
         "(uint8, uint16 or float32)",
     )
-
-
-def _check_sample(values: np.ndarray, path: str, where: str) -> None:
-    """Reject NaN/inf in float data and negative values in signed integer data."""
-    if values.dtype.kind == "f":
-        bad = ~np.isfinite(values)
-        if bad.any():
-            n_nan = int(np.isnan(values).sum())
-            raise MosaicError(
-                path,
-                f"contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values in "
-                f"{where}; float intensities must be finite",
-            )
-    elif values.dtype.kind == "i" and values.size and values.min() < 0:
-        raise MosaicError(
-            path,
-            f"holds signed integer ({values.dtype}) data with negative values (min "
-            f"{values.min()}) in {where}; confocal intensities are not negative, so this is "
-            "not a raw R/F image (convert it to unsigned or float first)",
-        )
 
 
 def _file_stamp(path: str) -> tuple[int, int]:
@@ -283,16 +273,53 @@ def _to_dask_levels(planes: list[Any], path: str, tag: str) -> list[Any]:
 def _stats_sample(
     r_planes: list[Any], f_planes: list[Any]
 ) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """R and F pixels for the statistics: a small level whole, or blocks of a large one."""
     shapes = [p.shape for p in r_planes]
     k = stats_level_index(shapes)
     h, w = shapes[k]
-    if k == 0 and h * w > FULL_READ_PIXELS:
-        r_s, desc = sample_blocks(r_planes[0])
-        f_s, _ = sample_blocks(f_planes[0])
+    if h * w > FULL_READ_PIXELS:
+        (r_s, f_s), desc = sample_blocks([r_planes[k], f_planes[k]])
+        desc = f"{desc} from level {k} ({h}x{w} px)"
     else:
         r_s, f_s = np.asarray(r_planes[k][:, :]), np.asarray(f_planes[k][:, :])
         desc = f"level {k} ({h}x{w} px)"
     return r_s, f_s, k, desc
+
+
+def _check_sizes(planes: list[Any], path: str) -> None:
+    """Refuse sizes whose opening or reading costs too much, whatever the file declares."""
+    h, w = planes[0].shape
+    if h * w > MAX_LEVEL_PIXELS:
+        raise MosaicError(
+            path,
+            f"declares {h}x{w} px ({h * w / 1e9:.0f} Gpx), more than the "
+            f"{MAX_LEVEL_PIXELS / 1e9:.1f} Gpx this reader opens: is its header damaged?",
+        )
+    for k, plane in enumerate(planes):
+        ys, xs = dask_chunks(plane.shape, plane.chunk, plane.kind)
+        if len(ys) * len(xs) > MAX_DASK_CHUNKS:
+            raise MosaicError(
+                path,
+                f"declares level {k} of {plane.shape[0]}x{plane.shape[1]} px, which would be "
+                f"cut into {len(ys) * len(xs)} pieces of {ys[0]}x{xs[0]} px (at most "
+                f"{MAX_DASK_CHUNKS} are allowed): is its header damaged?",
+            )
+        nbytes = int(getattr(plane, "chunk_bytes", 0))
+        if nbytes > MAX_CHUNK_BYTES:
+            th, tw = plane.chunk
+            raise MosaicError(
+                path,
+                f"stores level {k} in chunks of {th}x{tw} px ({nbytes / 2**30:.1f} GiB each "
+                f"when decoded); reading any pixel decodes a whole chunk and at most "
+                f"{MAX_CHUNK_BYTES >> 20} MiB is allowed: save it tiled (e.g. 512x512 tiles)",
+            )
+
+
+def _checked(planes: list[Any], path: str, role: str) -> list[Any]:
+    """Planes whose reads refuse NaN/inf or negative values (float and signed data)."""
+    if not planes or not needs_value_check(planes[0].dtype):
+        return planes
+    return [CheckedPlane(p, path, k, role) for k, p in enumerate(planes)]
 
 
 def _assemble(
@@ -316,11 +343,10 @@ def _assemble(
     _check_dtype(f_dtype, f_file)
     if r_planes[0].shape != f_planes[0].shape:
         (rh, rw), (fh, fw) = r_planes[0].shape, f_planes[0].shape
-        where = r_file if r_file == f_file else f"{r_file} and {f_file}"
         raise MosaicError(
             source,
             f"R and F differ in size: R is {rh}x{rw} px ({r_file}), F is {fh}x{fw} px "
-            f"({f_file}); they must be the same size (files: {where})",
+            f"({f_file}); they must be the same size",
         )
     # Use the stored levels both modes have (same shapes); build the rest.
     n_common = 0
@@ -329,13 +355,20 @@ def _assemble(
             break
         n_common += 1
     r_planes, f_planes = r_planes[:n_common], f_planes[:n_common]
+    _check_sizes(r_planes, r_file)
+    _check_sizes(f_planes, f_file)
+    r_planes, f_planes = _checked(r_planes, r_file, "R"), _checked(f_planes, f_file, "F")
 
     r_s, f_s, k, desc = _stats_sample(r_planes, f_planes)
-    _check_sample(r_s, r_file, f"{desc} (R)")
-    _check_sample(f_s, f_file, f"{desc} (F)")
     stats = normalization_stats(r_s, f_s, normalization, dtype=r_dtype, f_dtype=f_dtype)
     stats["source_level"] = k
     stats["source"] = desc
+    # Display contrast of the normalised modes, from the same bounded sample: napari
+    # would otherwise compute it from the data (a whole level, for a built one).
+    limits = {
+        m: list(display_limits(apply_normalization(x, stats[m]["low"], stats[m]["high"])))
+        for m, x in (("r", r_s), ("f", f_s))
+    }
 
     r_stored = _to_dask_levels(r_planes, r_file, r_tag)
     f_stored = _to_dask_levels(f_planes, f_file, f_tag)
@@ -360,6 +393,7 @@ def _assemble(
         "n_built_levels": len(r_levels) - n_stored,
         "pixel_size_source": size_source,
         "norm_stats": stats,
+        "contrast_limits": limits,
         "dtypes": {"r": r_dtype.name, "f": f_dtype.name},
     }
     return ConfocalMosaic(
@@ -394,8 +428,7 @@ def _open_pair(
     r_path: Path, f_path: Path, *, layout: str, name: str, source: str, **kw: Any
 ) -> ConfocalMosaic:
     for p, role in ((r_path, "R"), (f_path, "F")):
-        if not p.exists():
-            raise MosaicError(p, f"does not exist (the {role} image)")
+        check_file(p, f"the {role} image")
     r_img, f_img = open_tiff(r_path), open_tiff(f_path)
     for img, role in ((r_img, "R"), (f_img, "F")):
         if img.n_channels != 1:
@@ -443,6 +476,9 @@ def _open_vivascope(folder: Path, source: str, **kw: Any) -> ConfocalMosaic:
         role = "R" if n == 1 else "F"
         det = dets.get(n)
         if det is None:
+            for entry in list_folder(folder):
+                if detector_number(entry.name) == n:
+                    check_folder(entry.path)  # says why it is not a usable folder
             raise MosaicError(
                 folder / f"DET#{n}",
                 f"is missing: a Vivascope mosaic needs DET#1 (R) and DET#2 (F), "
@@ -510,25 +546,24 @@ def _open_folder(folder: Path, source: str, channels: Any, **kw: Any) -> Confoca
             folder,
             f"holds {len(mosaics)} Vivascope mosaics; open one of them: {_list(mosaics)}",
         )
-    pairs, single = _pairs_in(folder)
+    entries = list_folder(folder)
+    pairs, single = _pairs_in(entries)
     if len(pairs) == 1:
         r, f = pairs[0]
-        name = _PAIR_RE.match(r.name).group("stem")  # type: ignore[union-attr]
-        return _open_pair(r, f, layout="tiff-pair", name=name, source=source, **kw)
+        return _open_pair(r, f, layout="tiff-pair", name=_pair_name(r), source=source, **kw)
     if len(pairs) > 1:
         listed = _list(f"{r.name} + {f.name}" for r, f in pairs)
         raise MosaicError(
             folder,
             f"holds {len(pairs)} R/F TIFF pairs; open one with open_mosaic(R, f_path=F): {listed}",
         )
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
     images = [
         Path(e.path)
         for e in entries
         if not e.name.startswith(".")
         and (
-            (e.is_file() and e.name.lower().endswith(TIFF_SUFFIXES))
-            or (e.is_dir() and is_zarr(e.path))
+            (is_file(e) and e.name.lower().endswith(TIFF_SUFFIXES))
+            or (is_dir(e) and is_zarr(e.path))
         )
     ]
     if single and len(images) == len(single):
@@ -542,6 +577,12 @@ def _open_folder(folder: Path, source: str, channels: Any, **kw: Any) -> Confoca
     if len(images) > 1:
         raise MosaicError(folder, f"holds {len(images)} images; open one of them: {_list(images)}")
     visible = [e.name for e in entries if not e.name.startswith(".")]
+    if folder.name.lower().endswith(".zarr"):
+        raise MosaicError(
+            folder,
+            "has no zarr metadata (.zgroup, .zattrs, .zarray or zarr.json): not a zarr "
+            "store, or an incomplete copy of one",
+        )
     problem = "is empty" if not visible else "holds no slide"
     raise MosaicError(
         folder,
@@ -550,38 +591,44 @@ def _open_folder(folder: Path, source: str, channels: Any, **kw: Any) -> Confoca
     )
 
 
+def _check_tiff_head(path: Path, what: str = "") -> None:
+    """Raise unless ``path`` starts like a TIFF (empty and other files named as such)."""
+    head = read_head(path, 8)
+    suffix = f" ({what})" if what else ""
+    if not head:
+        raise MosaicError(path, f"is empty (0 bytes){suffix}")
+    if head[:4] not in TIFF_MAGIC:
+        raise MosaicError(
+            path,
+            f"is not a TIFF file (it starts with {head!r}){suffix}; expected a TIFF, an "
+            "OME-Zarr folder or a Vivascope mosaic folder",
+        )
+
+
 def _open_path(path: Path, source: str, *, channels: Any, **kw: Any) -> ConfocalMosaic:
-    if path.is_dir():
+    if is_dir(path):
+        check_folder(path)
         if is_zarr(path):
             return _open_multichannel(path, source, channels, "ome-zarr", **kw)
         return _open_folder(path, source, channels, **kw)
-    if not path.exists():
-        raise MosaicError(path, "does not exist")
+    check_file(path)
     # A detector file of a Vivascope mosaic stands for its mosaic.
     if (
-        path.name.lower() in _RAW_NAMES
-        and _DET_RE.match(path.parent.name)
+        path.name.lower() in RAW_NAMES
+        and detector_number(path.parent.name) is not None
         and channels is None
         and _det_dirs(path.parent.parent)
     ):
         return _open_vivascope(path.parent.parent, source, **kw)
-    if not is_tiff(path):
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-        raise MosaicError(
-            path,
-            f"is not a TIFF file (it starts with {head!r}); expected a TIFF, an OME-Zarr "
-            "folder or a Vivascope mosaic folder",
-        )
+    _check_tiff_head(path)
     if channels is None:
-        pair = _partner(path)
+        pair = rf_pair(path)
         if pair is not None:
             img = open_tiff(path)  # headers only; a one-channel *_R/*_F file has a partner
             if img.n_channels == 1:
                 img.levels[0][0]._source.close()
-                name = _PAIR_RE.match(pair[0].name).group("stem")  # type: ignore[union-attr]
                 return _open_pair(
-                    pair[0], pair[1], layout="tiff-pair", name=name, source=source, **kw
+                    *pair, layout="tiff-pair", name=_pair_name(pair[0]), source=source, **kw
                 )
     return _open_multichannel(path, source, channels, "multichannel-tiff", **kw)
 
@@ -641,14 +688,10 @@ def open_mosaic(
     kw: dict[str, Any] = {"normalization": normalization, "pixel_size_um": pixel_size_um}
     if f_path is not None:
         fp = Path(f_path).expanduser()
-        if p.is_dir():
+        if is_dir(p):
             raise MosaicError(p, "is a folder; with f_path=, path must be the R TIFF file")
         for q, role in ((p, "R"), (fp, "F")):
-            if not q.exists():
-                raise MosaicError(q, f"does not exist (the {role} image)")
-            if not q.is_file() or not is_tiff(q):
-                raise MosaicError(q, f"is not a TIFF file (the {role} image)")
-        stem = _PAIR_RE.match(p.name)
-        name = stem.group("stem") if stem else _stem(p)
-        return _open_pair(p, fp, layout="tiff-pair", name=name, source=source, **kw)
+            check_file(q, f"the {role} image")
+            _check_tiff_head(q, f"the {role} image")
+        return _open_pair(p, fp, layout="tiff-pair", name=_pair_name(p), source=source, **kw)
     return _open_path(p, source, channels=channels, **kw)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -40,18 +41,22 @@ import numpy as np
 import tifffile
 
 from napari_confocal_stain.errors import MosaicError
+from napari_confocal_stain.io.paths import check_file, os_problem, read_head
 
 __all__ = [
+    "TIFF_MAGIC",
     "TIFF_SUFFIXES",
     "TiffImage",
     "TiffPlane",
     "is_tiff",
     "open_tiff",
     "tiff_pixel_size_um",
+    "tiff_structure_problem",
 ]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2", ".svs", ".ndpi", ".scn", ".qptiff")
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+"""The first four bytes of a TIFF (little- and big-endian) or BigTIFF file."""
 
 # Plausible pixel sizes of a microscope image. Values outside are writer defaults
 # (pyvips: 1 px/mm = 1000 µm, 72 dpi = 353 µm), not measurements.
@@ -76,9 +81,100 @@ def is_tiff(path: str | Path) -> bool:
     """
     try:
         with open(path, "rb") as fh:
-            return fh.read(4) in _TIFF_MAGIC
+            return fh.read(4) in TIFF_MAGIC
     except OSError:
         return False
+
+
+# Bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ... IFD8).
+_TYPE_SIZES = {
+    1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4,
+    16: 8, 17: 8, 18: 8,
+}  # fmt: skip
+# Image directories checked before handing the file to tifffile; files with more (long
+# stacks) are checked that far only.
+_MAX_CHECKED_IFDS = 4096
+
+
+def tiff_structure_problem(path: str | Path, size: int | None = None) -> str | None:
+    """Check a TIFF's chain of image directories (IFDs) against the file's length.
+
+    A truncated file keeps its header but loses what lies past the cut: directories,
+    tag values (tile tables) or pixel data. This walks the directory chain and the
+    out-of-line tag values it points to, reading a few bytes per directory.
+
+    Parameters
+    ----------
+    path
+        A file that starts with a TIFF signature.
+    size
+        Its size in bytes (looked up if not given).
+
+    Returns
+    -------
+    str or None
+        What is wrong (``"is truncated: ..."``, ``"is corrupt: ..."``), or ``None``.
+    """
+    size = os.path.getsize(path) if size is None else size
+    try:
+        with open(path, "rb") as fh:
+            return _walk_ifds(fh, size)
+    except OSError as exc:
+        return os_problem(exc)
+
+
+def _walk_ifds(fh: Any, size: int) -> str | None:
+    head = fh.read(16)
+    bo = "<" if head[:2] == b"II" else ">"
+    big = head[2:4] in (b"+\x00", b"\x00+")
+    if big:
+        if len(head) < 16:
+            return f"is truncated: its {len(head)} bytes end inside the BigTIFF header"
+        cnt_fmt, entry_size, off_fmt = "Q", 20, "Q"
+        first = struct.unpack(bo + "Q", head[8:16])[0]
+    else:
+        if len(head) < 8:
+            return f"is truncated: its {len(head)} bytes end inside the TIFF header"
+        cnt_fmt, entry_size, off_fmt = "H", 12, "I"
+        first = struct.unpack(bo + "I", head[4:8])[0]
+    cnt_size, off_size = struct.calcsize(cnt_fmt), struct.calcsize(off_fmt)
+    if first == 0:
+        return "holds no image (its header points to no image directory)"
+    offset, seen = first, set()
+    for n in range(_MAX_CHECKED_IFDS):
+        if offset == 0:
+            return None
+        if offset in seen:
+            return f"is corrupt: its image directories form a loop (at byte {offset})"
+        seen.add(offset)
+        if offset + cnt_size > size:
+            return (
+                f"is truncated: image directory {n} should be at byte {offset}, past the "
+                f"end of the file ({size} bytes)"
+            )
+        fh.seek(offset)
+        (count,) = struct.unpack(bo + cnt_fmt, fh.read(cnt_size))
+        end = offset + cnt_size + count * entry_size + off_size
+        if end > size:
+            return (
+                f"is truncated: image directory {n} (bytes {offset}-{end}) runs past the "
+                f"end of the file ({size} bytes)"
+            )
+        table = fh.read(count * entry_size + off_size)
+        for i in range(count):
+            entry = table[i * entry_size : (i + 1) * entry_size]
+            tag, typ = struct.unpack(bo + "HH", entry[:4])
+            (n_values,) = struct.unpack(bo + off_fmt, entry[4 : 4 + off_size])
+            nbytes = n_values * _TYPE_SIZES.get(typ, 0)
+            if nbytes > off_size:
+                (at,) = struct.unpack(bo + off_fmt, entry[4 + off_size :])
+                if at + nbytes > size:
+                    return (
+                        f"is truncated: tag {tag} of image directory {n} holds {nbytes} "
+                        f"bytes at byte {at}, past the end of the file ({size} bytes)"
+                    )
+        (offset,) = struct.unpack(bo + off_fmt, table[count * entry_size :])
+    return None
 
 
 class _TiffSource:
@@ -128,15 +224,23 @@ class _TiffSource:
         """The (lazily opened) tifffile handle, used for headers and decoders only."""
         with self._lock:
             if self._tif is None:
-                self._tif = tifffile.TiffFile(self.path)
+                try:
+                    self._tif = tifffile.TiffFile(self.path)
+                except OSError as exc:
+                    raise MosaicError(self.path, os_problem(exc)) from exc
+                except Exception as exc:
+                    raise MosaicError(
+                        self.path,
+                        f"cannot be read as a TIFF file any more ({type(exc).__name__}: "
+                        f"{exc}); was it changed after it was opened?",
+                    ) from exc
             return self._tif
 
     def set_tiff(self, tif: tifffile.TiffFile) -> None:
         """Adopt an already open tifffile handle of this file."""
         self._tif = tif
 
-    def pread(self, size: int, offset: int) -> bytes:
-        """Read ``size`` bytes at ``offset``; a short read means the file is truncated."""
+    def _pread(self, size: int, offset: int) -> bytes:
         if hasattr(os, "pread"):
             if self._fd is None:
                 with self._lock:
@@ -151,13 +255,19 @@ class _TiffSource:
                     break
                 chunks.append(part)
                 got += len(part)
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        else:  # pragma: no cover - Windows
-            with self._lock:
-                if self._fh is None:
-                    self._fh = open(self.path, "rb")  # kept open for reuse
-                self._fh.seek(offset)
-                data = self._fh.read(size)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        with self._lock:  # pragma: no cover - Windows
+            if self._fh is None:
+                self._fh = open(self.path, "rb")  # kept open for reuse
+            self._fh.seek(offset)
+            return self._fh.read(size)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        """Read ``size`` bytes at ``offset``; a short read means the file is truncated."""
+        try:
+            data = self._pread(size, offset)
+        except OSError as exc:
+            raise MosaicError(self.path, os_problem(exc)) from exc
         if len(data) != size:
             raise MosaicError(
                 self.path,
@@ -188,6 +298,7 @@ class _PlaneSpec:
     page_ref: tuple[int, int, int]  # series, level and page index (to rebuild the decoder)
     jpegtables: bytes | None = None
     nodata: float = 0
+    level: int = 0  # index in the slide's pyramid (for messages)
 
 
 class TiffPlane:
@@ -255,6 +366,14 @@ class TiffPlane:
         return self._source.path
 
     @property
+    def chunk_bytes(self) -> int:
+        """Bytes one read decodes at least: a tile or strip, all its samples (0 if none)."""
+        s = self._spec
+        if s.kind == "contiguous":
+            return 0
+        return s.chunk[0] * s.chunk[1] * s.samples_contig * np.dtype(s.file_dtype).itemsize
+
+    @property
     def bytes_read(self) -> int:
         """Bytes of pixel data read from this plane's file so far (all its planes)."""
         return self._source.bytes_read
@@ -297,10 +416,19 @@ class TiffPlane:
             return out
         if self._spec.nodata:
             out[...] = self._spec.nodata
-        if self._spec.kind == "contiguous":
-            self._read_contiguous(out, y0, y1, x0, x1)
-        else:
-            self._read_segments(out, y0, y1, x0, x1)
+        try:
+            if self._spec.kind == "contiguous":
+                self._read_contiguous(out, y0, y1, x0, x1)
+            else:
+                self._read_segments(out, y0, y1, x0, x1)
+        except MosaicError:
+            raise
+        except Exception as exc:  # a codec or layout surprise means a damaged file
+            raise MosaicError(
+                self._source.path,
+                f"level {self._spec.level}, rows {y0}:{y1}, cols {x0}:{x1} cannot be read "
+                f"({type(exc).__name__}: {exc}); the file is corrupt",
+            ) from exc
         return out
 
     # -- contiguous uncompressed data: address rows directly ---------------------------
@@ -379,11 +507,16 @@ class TiffPlane:
                 seg = view[a : a + int(s.bytecounts[index])]
                 try:
                     decoded = decode(bytes(seg), index, **kwargs)[0]
+                    if decoded is None:
+                        raise ValueError("the decoder returned no data")
                 except Exception as exc:  # any codec error means a damaged file
+                    what = "tile" if s.kind == "tiled" else "strip"
                     raise MosaicError(
                         self._source.path,
-                        f"tile/strip {index} cannot be decoded ({type(exc).__name__}: "
-                        f"{exc}); the file may be truncated or corrupt",
+                        f"{what} {index - base} of level {s.level} (rows {ty * th}:"
+                        f"{min((ty + 1) * th, s.shape[0])}, cols {tx * tw}:"
+                        f"{min((tx + 1) * tw, s.shape[1])}) cannot be decoded "
+                        f"({type(exc).__name__}: {exc}); the file is corrupt",
                     ) from exc
                 # decoded: (depth, rows, cols, contiguous samples)
                 tile = decoded[0, :, :, s.sample_contig if decoded.shape[-1] > 1 else 0]
@@ -726,19 +859,22 @@ def open_tiff(path: str | Path) -> TiffImage:
         stack, or of an unsupported layout.
     """
     path = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise MosaicError(path, "does not exist" if not p.exists() else "is not a file")
-    size = p.stat().st_size
-    if not is_tiff(path):
-        with open(path, "rb") as fh:
-            head = fh.read(8)
+    size = check_file(path)
+    if size == 0:
+        raise MosaicError(path, "is empty (0 bytes)")
+    head = read_head(path, 8)
+    if head[:4] not in TIFF_MAGIC:
         raise MosaicError(path, f"is not a TIFF file (it starts with {head!r})")
+    problem = tiff_structure_problem(path, size)
+    if problem is not None:
+        raise MosaicError(path, problem)
     try:
         tif = tifffile.TiffFile(path)
+    except OSError as exc:
+        raise MosaicError(path, os_problem(exc)) from exc
     except Exception as exc:
         raise MosaicError(
-            path, f"cannot be read as a TIFF file ({type(exc).__name__}: {exc}); truncated?"
+            path, f"cannot be read as a TIFF file ({type(exc).__name__}: {exc}); corrupt?"
         ) from exc
     source = _TiffSource(path)
     source.set_tiff(tif)
@@ -755,6 +891,12 @@ def open_tiff(path: str | Path) -> TiffImage:
         series = series_list[si]
         level0 = series.levels[0]
         kf0 = level0.keyframe
+        if kf0.dtype is None:  # tifffile knows no numpy type for it (e.g. 12-bit samples)
+            raise MosaicError(
+                path,
+                f"has an unsupported sample format ({kf0.bitspersample} bits per sample, "
+                f"SampleFormat {int(kf0.sampleformat)})",
+            )
         dtype = np.dtype(kf0.dtype)
         layout = _channel_layout(level0, path)
         shape0 = (int(kf0.imagelength), int(kf0.imagewidth))
@@ -789,6 +931,7 @@ def open_tiff(path: str | Path) -> TiffImage:
             planes = []
             for page_index, sample_plane, sample_contig in lay:
                 spec = _plane_spec(level, page_index, sample_plane, sample_contig, (sj, li))
+                spec.level = len(levels)
                 _check_extent(spec, size, path)
                 page = level.pages[page_index]
                 keyframe = page.keyframe if page.keyframe is not None else level.keyframe

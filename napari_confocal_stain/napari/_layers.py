@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:  # pragma: no cover
     from napari_confocal_stain.io.mosaic import ConfocalMosaic
 
@@ -25,23 +23,16 @@ def layer_name(slide: str, role: str, detail: str = "") -> str:
     return f"{base} ({detail})" if detail else base
 
 
-def coarse_contrast_limits(
-    levels: list[Any], percentiles: tuple[float, float] = (0.5, 99.5)
-) -> tuple[float, float]:
-    """Contrast limits from robust percentiles of the coarsest pyramid level.
+def contrast_limits(mosaic: ConfocalMosaic, role: str) -> tuple[float, float]:
+    """Contrast limits of mode ``role`` (``"R"``/``"F"``), from the sample taken at open.
 
-    Reading the coarsest level is cheap (about 1k px a side), and percentiles rather
-    than min/max keep a few hot pixels of speckle from washing the image out.
+    Given explicitly because napari would otherwise compute them from the data it is
+    handed: the coarsest level, which for a single-level file is built from all of level 0.
     """
-    coarse = np.asarray(levels[-1], dtype=np.float32)
-    finite = coarse[np.isfinite(coarse)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(finite, percentiles))
-    if not hi > lo:
-        lo, hi = float(finite.min()), float(finite.max())
-    if not hi > lo:
-        hi = lo + 1.0
+    limits = (mosaic.metadata.get("contrast_limits") or {}).get(role.lower())
+    if limits is None:
+        return 0.0, 1.0  # the normalised range
+    lo, hi = (float(v) for v in limits)
     return lo, hi
 
 
@@ -81,7 +72,7 @@ def mosaic_layer_data(mosaic: ConfocalMosaic) -> list[tuple[Any, dict, str]]:
                     # F is shown above R but hidden: the raw modes are compared
                     # side by side, and an additive overlay of both confuses.
                     "visible": role == "R",
-                    "contrast_limits": coarse_contrast_limits(levels),
+                    "contrast_limits": contrast_limits(mosaic, role),
                     "metadata": {
                         META_KEY: {"role": role, "slide": mosaic.name, "info": info},
                         "confocal_mosaic": mosaic,
