@@ -18,6 +18,7 @@ exits with 1 (``--debug`` shows the traceback). See :mod:`napari_confocal_stain.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from collections.abc import Sequence
@@ -225,6 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return handler(args)
+    except BrokenPipeError as exc:
+        if exc.filename is not None:
+            return report_error(args.command, exc, subject=_subject(args), debug=args.debug)
+        # Our output went to a pipe that closed early (`| head`): nothing went wrong with
+        # the slide. Quiet, with the status a shell gives a process killed by SIGPIPE; the
+        # interpreter's final flush goes to /dev/null instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except (Exception, KeyboardInterrupt) as exc:
         return report_error(args.command, exc, subject=_subject(args), debug=args.debug)
 

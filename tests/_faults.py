@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-IO_BRANCH = "needs the reader hardening (harden-io branch), not merged yet"
-
 
 def leftovers(folder: Path) -> list[str]:
     """What an export left in ``folder`` (work folders, temporaries, outputs)."""

@@ -16,7 +16,7 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-from _faults import IO_BRANCH, leftovers, tmpfs  # noqa: E402
+from _faults import leftovers, tmpfs  # noqa: E402
 from _tiff_factories import image, write_tiff_pyramid  # noqa: E402
 
 from napari_confocal_stain.errors import OutputError  # noqa: E402
@@ -166,20 +166,20 @@ def test_writer_failure_is_one_line_naming_the_file(make_napari_viewer, tmp_path
     assert leftovers(tmp_path) == ["notes.txt"]
 
 
-def nan_slide(folder: Path) -> Path:
+def nan_slide(folder: Path, side: int = 2048) -> Path:
     """A float32 R/F pair: clean coarse levels (any statistics sample is clean), and a
-    16×16 NaN patch in level 0 of R, far from the image's centre."""
-    r = image((1024, 1024), np.float32, seed=1)
-    f = image((1024, 1024), np.float32, seed=2)
+    16×16 NaN patch in level 0 of R, far from the image's centre. At the default size
+    napari's first view of the whole slide is a coarse level; at 1024² it is level 0."""
+    r = image((side, side), np.float32, seed=1)
+    f = image((side, side), np.float32, seed=2)
     levels_r = [r, r[::2, ::2].copy(), r[::4, ::4].copy()]
     levels_f = [f, f[::2, ::2].copy(), f[::4, ::4].copy()]
-    r[960:976, 32:48] = np.nan
+    r[side - 88 : side - 72, 32:48] = np.nan
     write_tiff_pyramid(folder / "s1_R.tif", levels_r)
     write_tiff_pyramid(folder / "s1_F.tif", levels_f)
     return folder
 
 
-@pytest.mark.xfail(strict=True, reason=IO_BRANCH + ": reads do not check for NaN yet")
 def test_nan_beyond_the_statistics_sample_stops_the_export(
     make_napari_viewer, qtbot, tmp_path, notifications
 ):
@@ -194,3 +194,16 @@ def test_nan_beyond_the_statistics_sample_stops_the_export(
     (message,) = errors(notifications, "Export:")
     assert str(slide / "s1_R.tif") in message and "NaN" in message, message
     assert leftovers(out_dir) == []
+
+
+def test_nan_in_the_first_view_is_one_notification_and_no_layer(
+    make_napari_viewer, tmp_path, notifications
+):
+    slide = nan_slide(tmp_path / "nan_slide", side=1024)
+    viewer = make_napari_viewer()
+    widget = ConfocalStainWidget(viewer)
+    widget.stain_on_open.value = False
+    assert widget.open_path(slide) == []
+    (message,) = errors(notifications, "Could not open confocal slide")
+    assert str(slide / "s1_R.tif") in message and "NaN" in message, message
+    assert len(viewer.layers) == 0

@@ -132,9 +132,12 @@ class StainSettings:
 def _identity(name_or_path: str) -> str:
     """A bundled name as is; a file by its absolute path, size and modification time."""
     p = Path(name_or_path)
-    if p.suffix and p.exists():
-        st = p.stat()
-        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    try:
+        if p.suffix and p.exists():
+            st = p.stat()
+            return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    except (OSError, RuntimeError):  # unreadable folder, link loop: load_model says which
+        pass
     return str(name_or_path)
 
 

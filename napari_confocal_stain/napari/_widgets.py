@@ -357,12 +357,24 @@ class ConfocalStainWidget(Container):
 
     def open_path(self, path: str | Path) -> list:
         """Open a slide through this plugin's reader (errors become a notification)."""
+        from napari.utils.notifications import show_error
+
+        from napari_confocal_stain.napari._errors import describe
         from napari_confocal_stain.napari._reader import read_mosaic
 
-        layers = [
-            self._viewer.add_image(data, **kwargs) for data, kwargs, _ in read_mosaic(str(path))
-        ]
-        return layers
+        before = set(self._viewer.layers)
+        try:
+            return [
+                self._viewer.add_image(data, **kwargs)
+                for data, kwargs, _ in read_mosaic(str(path))
+            ]
+        except Exception as exc:
+            # napari reads the first view while adding a layer: a bad region there (NaN,
+            # a corrupt tile) fails the whole slide, as it would at opening.
+            for layer in [lay for lay in self._viewer.layers if lay not in before]:
+                self._viewer.layers.remove(layer)
+            show_error(f"Could not open confocal slide: {describe(exc, path)}")
+            return []
 
     def open_sample(self, *_: Any) -> Any:
         """Open the synthetic sample slide; the first time it is generated in a thread."""
