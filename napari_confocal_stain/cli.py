@@ -18,8 +18,8 @@ exits with 1 (``--debug`` shows the traceback). See :mod:`napari_confocal_stain.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
