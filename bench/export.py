@@ -129,15 +129,15 @@ def bench_gan(slide: Path, work: Path, region: str, tile: int) -> dict:
     import zarr
 
     from napari_confocal_stain import open_mosaic
-    from napari_confocal_stain.core.inference import stain_region
     from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings, to_uint8
     from napari_confocal_stain.export import export_slide, parse_region
+    from napari_confocal_stain.inference import stain_region
 
     m = open_mosaic(slide)
     box = parse_region(region, m.shape)
     pipe = StainPipeline(m, StainSettings())
     model = pipe.stain_model()
-    from napari_confocal_stain.core.inference import resolve_device, resolve_precision
+    from napari_confocal_stain.inference import resolve_device, resolve_precision
 
     precision = resolve_precision("auto", resolve_device("auto"), model)
     settings = StainSettings(precision=precision)

@@ -1,7 +1,7 @@
 """Benchmark the light stain model against its teacher in one run (issue 8 targets).
 
 Teacher (default ``stain-unet``) and student (default ``stain-light``), both through the
-engine's :func:`~napari_confocal_stain.core.inference.stain_region` with the ``seamless``
+engine's :func:`~napari_confocal_stain.inference.stain_region` with the ``seamless``
 strategy, as the viewer runs them:
 
 * **speed** — a 1920 × 1080 viewport of pseudo-confocal DSCM cut from the CC0 slide (rows and
@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_confocal_stain.core.inference import stain_region
-from napari_confocal_stain.models import load_model
+from napari_confocal_stain.inference import load_model, stain_region
 from napari_confocal_stain.models.flops import flops_per_pixel
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,10 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_confocal_stain.core.inference import stain_region
-from napari_confocal_stain.core.seamless import make_seamless
 from napari_confocal_stain.core.seams import reference_difference, seam_index
 from napari_confocal_stain.core.tiling import plan_tiles, seam_period
+from napari_confocal_stain.inference import make_seamless, stain_region
 from napari_confocal_stain.models.flops import flops_per_pixel
 from napari_confocal_stain.models.generators import UNetGenerator
 

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from qtpy.QtCore import QTimer
 
-    from napari_confocal_stain.core.inference import stain_region
     from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings, to_uint8
+    from napari_confocal_stain.inference import stain_region
     from napari_confocal_stain.io.sample import sample_slide_path
     from napari_confocal_stain.models.checkpoint import save_checkpoint
     from napari_confocal_stain.models.registry import build_model

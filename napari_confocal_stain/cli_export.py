@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from napari_confocal_stain._fs import work_folder
 from napari_confocal_stain.cli_common import device, int_at_least
 from napari_confocal_stain.errors import (
     INTERNAL_ERROR,
@@ -233,7 +234,7 @@ def run_batch(args: argparse.Namespace) -> int:
         scheduler = None if pool is None else pool.client
         outs = _batch_outputs(args.slides, args.out_dir, args.format)
         for slide, out in zip(args.slides, outs, strict=True):
-            if args.resume and out.exists() and not _partial(out).exists():
+            if args.resume and out.exists() and not work_folder(out).exists():
                 print(f"{out} (already done)")
                 continue
             try:
@@ -265,10 +266,6 @@ def run_batch(args: argparse.Namespace) -> int:
         print(f"confocal-stain batch: {interrupted}", file=sys.stderr)
         return INTERRUPTED
     return USER_ERROR if failures else 0
-
-
-def _partial(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

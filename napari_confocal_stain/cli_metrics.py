@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_confocal_stain.core.box import Box
 from napari_confocal_stain.errors import MosaicError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,7 +62,6 @@ __all__ = [
     "slide_chunks",
 ]
 
-Box = tuple[int, int, int, int]
 
 #: Per-cell maps, in order: texture and structure (thesis §3.5), then nuclei.
 MAP_NAMES = ("lbp_chi2", "ssim", "nuclei_preserved", "nuclei_erased", "nuclei_invented")
@@ -343,7 +343,7 @@ def measure_box(
         Count nuclei (default: when the level's pixel is ≤ :data:`NUCLEI_MAX_PIXEL_UM`).
     cancel
         Polled by the GAN; returning True raises
-        :class:`~napari_confocal_stain.core.inference.Cancelled`.
+        :class:`~napari_confocal_stain.inference.Cancelled`.
     workers
         Threads for the metrics.
 

@@ -28,13 +28,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from napari_confocal_stain.errors import CheckpointError
+from napari_confocal_stain.inference import load_model
 from napari_confocal_stain.models import (
     METADATA_KEY,
     WEIGHTS_DIR,
     available_models,
     build_model,
     load_checkpoint,
-    load_model,
     model_spec,
     save_checkpoint,
 )
@@ -645,7 +645,7 @@ PERMISSION_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from napari_confocal_stain.errors import CheckpointError
-from napari_confocal_stain.models import load_model
+from napari_confocal_stain.inference import load_model
 for path in sys.argv[2:]:
     try:
         load_model(path)
@@ -876,7 +876,7 @@ HUGE_SCRIPT = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))
     sys.path.insert(0, sys.argv[1])
     from napari_confocal_stain.errors import CheckpointError
-    from napari_confocal_stain.models import load_model
+    from napari_confocal_stain.inference import load_model
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     results = []

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from napari_confocal_stain.engine.cache import DiskTileCache, TileCache, scope_key
+from napari_confocal_stain.engine.cache import TileCache, scope_key
 
 
 def tile(value, n=8):
@@ -67,19 +67,3 @@ def test_scope_key_is_stable_and_order_free():
     b = scope_key(params={"tile": 512, "h": [0.3, 0.2, 1.0]}, model="unet", slide="x")
     assert a == b and len(a) == 16
     assert scope_key(slide="x", model="unet", params={"tile": 256}) != a
-
-
-def test_disk_cache_round_trip_and_reopen(tmp_path):
-    shapes = [(100, 70), (50, 35)]
-    cache = DiskTileCache(tmp_path, "abc", shapes, tile=32)
-    assert cache.get(0, 0, 0) is None
-    edge = np.random.default_rng(0).integers(0, 255, (4, 6, 3), dtype=np.uint8)
-    cache.put(0, 3, 2, edge)  # the partial bottom-right tile
-    cache.put(1, 0, 0, tile(7, 32))
-    with pytest.raises(ValueError, match="expected"):
-        cache.put(0, 0, 0, tile(1, 8))
-    reopened = DiskTileCache(tmp_path, "abc", shapes, tile=32)
-    np.testing.assert_array_equal(reopened.get(0, 3, 2), edge)
-    assert reopened.get(1, 0, 0)[5, 5, 0] == 7
-    assert reopened.get(0, 0, 0) is None
-    assert reopened.done_fraction(1) == pytest.approx(1 / 4)

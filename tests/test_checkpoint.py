@@ -14,15 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from napari_confocal_stain.errors import CheckpointError
+from napari_confocal_stain.inference import DeviceError, load_model, select_device
 from napari_confocal_stain.models import (
     METADATA_KEY,
-    DeviceError,
     available_weights,
     build_model,
     load_checkpoint,
-    load_model,
     save_checkpoint,
-    select_device,
 )
 from napari_confocal_stain.models import checkpoint as checkpoint_module
 

@@ -12,7 +12,9 @@ from scipy.ndimage import median_filter
 from skimage.io import imread
 from torch import nn
 
-from napari_confocal_stain.core.inference import (
+from napari_confocal_stain.core.seams import seam_index
+from napari_confocal_stain.core.tiling import triangular_weight
+from napari_confocal_stain.inference import (
     Cancelled,
     background_response,
     cpu_precision,
@@ -21,9 +23,11 @@ from napari_confocal_stain.core.inference import (
     receptive_radius,
     stain_region,
 )
-from napari_confocal_stain.core.seamless import DenseInstanceNorm2d, _cell_stats, make_seamless
-from napari_confocal_stain.core.seams import seam_index
-from napari_confocal_stain.core.tiling import triangular_weight
+from napari_confocal_stain.inference.dense_norm import (
+    DenseInstanceNorm2d,
+    _cell_stats,
+    make_seamless,
+)
 from napari_confocal_stain.models.despeckle import DespeckleNN
 from napari_confocal_stain.models.generators import UNetGenerator
 

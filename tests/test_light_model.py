@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_confocal_stain.core.inference import min_size, size_multiple, stain_region
-from napari_confocal_stain.models import WEIGHTS_DIR, build_model, load_model, save_checkpoint
+from napari_confocal_stain.inference import load_model, min_size, size_multiple, stain_region
+from napari_confocal_stain.models import WEIGHTS_DIR, build_model, save_checkpoint
 from napari_confocal_stain.models.flops import flops_per_pixel
 from napari_confocal_stain.models.light import LightGenerator
 from napari_confocal_stain.models.registry import available_models

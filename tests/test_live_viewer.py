@@ -12,9 +12,9 @@ import os
 import numpy as np
 import pytest
 
-from napari_confocal_stain.core.inference import stain_region
 from napari_confocal_stain.engine.blend import compose
 from napari_confocal_stain.engine.pipeline import to_uint8
+from napari_confocal_stain.inference import stain_region
 from napari_confocal_stain.models.checkpoint import save_checkpoint
 from napari_confocal_stain.models.registry import build_model
 from napari_confocal_stain.napari._live import live_layers, shared_cache

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from napari_confocal_stain import open_mosaic
-from napari_confocal_stain.core.inference import stain_region
 from napari_confocal_stain.engine.blend import compose, ramp
-from napari_confocal_stain.engine.cache import TileCache
+from napari_confocal_stain.engine.cache import RawTileStore, TileCache
 from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings, to_uint8
-from napari_confocal_stain.engine.renderer import RawTileStore, TileRenderer
+from napari_confocal_stain.engine.renderer import TileRenderer
+from napari_confocal_stain.inference import stain_region
 
 SHAPES = [(1000, 1500), (500, 750), (250, 375)]
 

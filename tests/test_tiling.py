@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_confocal_stain.core.seamless import lattice_axis, plan_blocks
 from napari_confocal_stain.core.tiling import (
     TILED_STRATEGIES,
     coverage,
@@ -16,6 +15,8 @@ from napari_confocal_stain.core.tiling import (
     seam_period,
     triangular_weight,
 )
+from napari_confocal_stain.inference.dense_norm import lattice_axis
+from napari_confocal_stain.inference.seamless import plan_blocks
 
 
 def test_triangular_weight_is_bel_formula() -> None:

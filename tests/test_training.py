@@ -20,7 +20,7 @@ import pytest
 import tifffile
 import torch
 
-from napari_confocal_stain.models import load_model
+from napari_confocal_stain.inference import load_model
 from training.__main__ import build_parser, main
 from training.data import (
     CropDataset,

@@ -57,7 +57,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from napari_confocal_stain.models import build_model, save_checkpoint, select_device
+from napari_confocal_stain.inference import select_device
+from napari_confocal_stain.models import build_model, save_checkpoint
 from napari_confocal_stain.models.registry import DSCM_INPUT
 from training.data import (
     PairedCropSampler,

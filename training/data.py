@@ -33,6 +33,7 @@ from skimage.color import rgb2hed
 from skimage.filters import gaussian, threshold_otsu
 from skimage.transform import rescale
 
+from napari_confocal_stain.core.box import Box
 from napari_confocal_stain.core.linear_stain import linear_stain
 from napari_confocal_stain.errors import MosaicError
 from training.noise import add_speckle
@@ -78,9 +79,6 @@ YUV_LUMA = (0.299, 0.587, 0.114)
 
 SAMPLE_KINDS = ("he", "pseudo", "reflectance", "cm")
 """What a :class:`PairedCropSampler` can draw."""
-
-Box = tuple[int, int, int, int]
-"""``(y0, y1, x0, x1)``, half-open pixel bounds."""
 
 
 # ----------------------------------------------------------------------------- reading

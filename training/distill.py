@@ -2,7 +2,7 @@
 
 The teacher (a trained stain model, by default the bundled ``stain-unet``) stains the
 pseudo-confocal DSCM of the *training* regions (never the held-out ones) once, whole, through
-the plugin's engine (:func:`~napari_confocal_stain.core.inference.stain_region`, seamless
+the plugin's engine (:func:`~napari_confocal_stain.inference.stain_region`, seamless
 strategy): its labels are exactly what the viewer would show. ``label_realizations`` speckle
 draws per region are labelled. The student (default: the registry's ``light`` architecture,
 :class:`~napari_confocal_stain.models.light.LightGenerator`) then learns on random crops of
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from napari_confocal_stain.core.inference import stain_region
-from napari_confocal_stain.models import build_model, load_model, save_checkpoint, select_device
+from napari_confocal_stain.inference import load_model, select_device, stain_region
+from napari_confocal_stain.models import build_model, save_checkpoint
 from napari_confocal_stain.models.flops import flops_per_pixel
 from napari_confocal_stain.models.registry import DSCM_INPUT
 from training.cyclegan import _grid_png, make_validation_set, validate

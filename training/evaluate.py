@@ -284,7 +284,7 @@ def run_evaluate(config: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     dict
         ``{"stain": rows, "despeckle": rows}``.
     """
-    from napari_confocal_stain.models import load_model
+    from napari_confocal_stain.inference import load_model
     from training.cyclegan import _truth_reference, make_validation_set, validate
     from training.data import load_he_regions
     from training.despeckle import eval_tiles, evaluate_despeckler

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from napari_confocal_stain._fs import write_atomic
 from napari_confocal_stain.errors import CheckpointError
-from napari_confocal_stain.io.atomic import write_atomic
 
 __all__ = [
     "CONFIG_DIR",

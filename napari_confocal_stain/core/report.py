@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_confocal_stain.io.atomic import write_atomic as _write_atomic
+from napari_confocal_stain._fs import write_atomic as _write_atomic
 
 __all__ = [
     "METRIC_LABELS",

@@ -1,6 +1,6 @@
 """Tile planner: where each model window goes, what part of its output is kept, how it is blended.
 
-Pure numpy, no torch. :mod:`napari_confocal_stain.core.inference` runs the plans.
+Pure numpy, no torch. :mod:`napari_confocal_stain.inference` runs the plans.
 
 The thesis's whole-slide strategies (García 2019, §3.4 and Fig. 3.6), for a window of ``N × N``
 model input pixels:
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STRATEGIES = ("seamless", "independent", "crop", "pyramid", "pyramid-flat")
-"""Every strategy :func:`napari_confocal_stain.core.inference.stain_region` accepts."""
+"""Every strategy :func:`napari_confocal_stain.inference.stain_region` accepts."""
 
 TILED_STRATEGIES = ("independent", "crop", "pyramid", "pyramid-flat")
 """The strategies run as a batch of separate windows (planned by :func:`plan_tiles`)."""

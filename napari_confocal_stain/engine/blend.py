@@ -19,9 +19,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["compose", "ramp"]
+from napari_confocal_stain.core.box import Box
 
-Box = tuple[int, int, int, int]
+__all__ = ["compose", "ramp"]
 
 
 def ramp(start: int, stop: int, size: int, margin: int) -> np.ndarray:

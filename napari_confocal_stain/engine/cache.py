@@ -1,4 +1,4 @@
-"""Tile caches: an in-memory LRU bounded in bytes, and an optional on-disk zarr cache.
+"""Tile caches: an in-memory LRU bounded in bytes, and an optional on-disk zarr store.
 
 Keys are plain tuples. The renderer builds them as ``(scope, level, ty, tx)`` where
 ``scope`` is a hash of everything that changes a tile's pixels (slide, model, strategy,
@@ -18,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DiskTileCache", "TileCache", "scope_key"]
+__all__ = ["RawTileStore", "TileCache", "TileKey", "scope_key"]
+
+TileKey = tuple[int, int, int]
+"""``(level, ty, tx)``."""
 
 
 def scope_key(**fields: Any) -> str:
@@ -105,26 +108,23 @@ class TileCache:
             return len(keys)
 
 
-class DiskTileCache:
-    """Finished tiles of one scope (slide + parameters) kept in a zarr store on disk.
+class RawTileStore:
+    """Raw (grown) tiles of one scope on disk, in a zarr group, so a slide reopens instantly.
 
-    The store is ``root/<scope>.zarr`` with one array per pyramid level, chunked by the
-    tile size, and a small boolean ``done`` array per level recording which tiles are
-    complete. A tile's pixels are written before its ``done`` flag, so a crash in
-    between leaves the tile merely missing, never half-written-but-trusted.
+    Each level is an array of shape ``(gy, gx, S, S, C)`` chunked one tile slot per chunk
+    (``S = tile + 2·margin``); a tile smaller than its slot (at the slide's edge) sits in
+    its top-left corner: its geometry is a function of its index, so nothing else is stored.
+    A ``done`` flag per tile is written after the pixels, so a crash in between leaves the
+    tile merely missing. The folder is the user's cache, never a slide folder.
 
     Parameters
     ----------
     root
-        Cache folder (created if missing). Never a user's input folder.
+        Cache folder.
     scope
-        :func:`scope_key` of the parameters.
-    level_shapes
-        ``(H, W)`` of each pyramid level.
-    tile
-        Tile size in pixels.
-    channels, dtype
-        Per-pixel channels and dtype of the stored tiles.
+        :func:`scope_key` of the product's parameters.
+    level_shapes, tile, margin, channels
+        The renderer's geometry.
     """
 
     def __init__(
@@ -133,29 +133,29 @@ class DiskTileCache:
         scope: str,
         level_shapes: list[tuple[int, int]],
         tile: int,
-        channels: int = 3,
-        dtype: str = "uint8",
+        margin: int,
+        channels: int,
     ) -> None:
         import zarr
 
         self.path = Path(root) / f"{scope}.zarr"
-        self.tile = int(tile)
-        self.dtype = np.dtype(dtype)
-        self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        slot = tile + 2 * margin
         group = zarr.open_group(str(self.path), mode="a")
+        self._lock = threading.Lock()
         self._levels = []
         for i, (h, w) in enumerate(level_shapes):
-            name = str(i)
-            grid = (-(-h // self.tile), -(-w // self.tile))
-            if name in group and tuple(group[name].shape) == (h, w, channels):
+            grid = (-(-h // tile), -(-w // tile))
+            shape = (*grid, slot, slot, channels)
+            name = f"raw{i}"
+            if name in group and tuple(group[name].shape) == shape:
                 arr, done = group[name], group[f"{name}_done"]
             else:
                 arr = group.create_array(
                     name,
-                    shape=(h, w, channels),
-                    chunks=(self.tile, self.tile, channels),
-                    dtype=self.dtype,
+                    shape=shape,
+                    chunks=(1, 1, slot, slot, channels),
+                    dtype="uint8",
                     fill_value=0,
                     overwrite=True,
                 )
@@ -167,36 +167,25 @@ class DiskTileCache:
                     fill_value=False,
                     overwrite=True,
                 )
-            self._levels.append((arr, done))
+            self._levels.append((arr, done, np.asarray(done[...])))
 
-    def _slices(self, level: int, ty: int, tx: int) -> tuple[slice, slice]:
-        arr, _ = self._levels[level]
-        h, w = arr.shape[:2]
-        y0, x0 = ty * self.tile, tx * self.tile
-        return slice(y0, min(y0 + self.tile, h)), slice(x0, min(x0 + self.tile, w))
-
-    def get(self, level: int, ty: int, tx: int) -> np.ndarray | None:
-        """The stored tile, or None if it was never completed."""
-        arr, done = self._levels[level]
-        if not bool(done[ty, tx]):
+    def get(self, key: TileKey, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The stored raw tile of ``shape`` (its grown box's), or None."""
+        level, ty, tx = key
+        arr, _, flags = self._levels[level]
+        if not flags[ty, tx]:
             return None
-        return np.asarray(arr[self._slices(level, ty, tx)])
+        slot = np.asarray(arr[ty, tx])
+        return np.ascontiguousarray(slot[: shape[0], : shape[1], : shape[2]])
 
-    def put(self, level: int, ty: int, tx: int, tile: np.ndarray) -> None:
-        """Store a finished tile, then mark it done."""
-        arr, done = self._levels[level]
-        ys, xs = self._slices(level, ty, tx)
-        tile = np.asarray(tile)
-        expected = (ys.stop - ys.start, xs.stop - xs.start, arr.shape[2])
-        if tile.shape != expected:
-            raise ValueError(
-                f"tile ({level}, {ty}, {tx}) has shape {tile.shape}, expected {expected}"
-            )
-        arr[ys, xs] = tile.astype(self.dtype, copy=False)
-        # The done grid is one small chunk: serialise its read-modify-write.
-        with self._lock:
+    def put(self, key: TileKey, image: np.ndarray) -> None:
+        """Store a raw tile, then mark it done."""
+        level, ty, tx = key
+        arr, done, flags = self._levels[level]
+        h, w = image.shape[:2]
+        slot = np.zeros(arr.shape[2:], dtype=np.uint8)
+        slot[:h, :w] = image.reshape(h, w, -1)
+        arr[ty, tx] = slot
+        with self._lock:  # the done grid is one small chunk: serialise read-modify-write
+            flags[ty, tx] = True
             done[ty, tx] = True
-
-    def done_fraction(self, level: int) -> float:
-        """Fraction of the level's tiles already on disk."""
-        return float(np.asarray(self._levels[level][1][...]).mean())

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_confocal_stain.core.box import Box
 from napari_confocal_stain.core.linear_stain import linear_stain, linear_stain_table, lookup_pairs
 from napari_confocal_stain.core.normalize import apply_normalization
 from napari_confocal_stain.engine.pipeline import read_normalized, to_uint8
@@ -27,7 +28,6 @@ from napari_confocal_stain.io.mosaic import ConfocalMosaic
 
 __all__ = ["LinearStainView"]
 
-Box = tuple[int, int, int, int]
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_confocal_stain.core.box import Box
 from napari_confocal_stain.engine.cache import scope_key
 from napari_confocal_stain.models.defaults import DEFAULT_DESPECKLE_MODEL, DEFAULT_STAIN_MODEL
 
@@ -56,8 +57,6 @@ __all__ = [
     "worker_thread_init",
 ]
 
-Box = tuple[int, int, int, int]
-"""``(y0, y1, x0, x1)`` in pixels of one pyramid level, half-open."""
 
 PRODUCTS = ("despeckled-r", "linear", "gan")
 """What a pipeline can compute: despeckled reflectance, linear stain, GAN stain."""
@@ -81,7 +80,7 @@ class StainSettings:
     model
         GAN stain generator: a bundled model name or a checkpoint path.
     strategy
-        Tiling strategy of :func:`~napari_confocal_stain.core.inference.stain_region`.
+        Tiling strategy of :func:`~napari_confocal_stain.inference.stain_region`.
     tile
         Statistics tile of the strategy (the scale the model was trained at).
     device, precision
@@ -163,7 +162,7 @@ def get_model(name_or_path: str, device: str = "auto", kind: str = "stain") -> n
     napari_confocal_stain.errors.CheckpointError
         The file is missing, not a checkpoint, tampered with, or does not fit its architecture.
     """
-    from napari_confocal_stain.models.checkpoint import load_model
+    from napari_confocal_stain.inference import load_model
 
     key = (_identity(str(name_or_path)), str(device), kind)
     with _MODELS_LOCK:
@@ -253,7 +252,7 @@ def warm_up(
     oneDNN (and cuDNN) build their kernels for each new input shape on first use: the first
     U-Net tile costs about twice the next ones on this CPU. What the renderer computes for an
     interior tile is ``tile + 2·context`` pixels a side with the statistics lattice offset by
-    ``context``, so :func:`~napari_confocal_stain.core.inference.stain_region` cuts it into
+    ``context``, so :func:`~napari_confocal_stain.inference.stain_region` cuts it into
     the same blocks here (a plain ``tile``-aligned input would build other shapes' kernels
     and leave the first real tile to pay); a tissue-free run caches the model's background
     response (one more forward). Call it where waiting is expected (while "Loading the
@@ -265,7 +264,7 @@ def warm_up(
     """
     import dask.array as da
 
-    from napari_confocal_stain.core.inference import stain_region
+    from napari_confocal_stain.inference import stain_region
 
     read_array(da.zeros((2, 2), chunks=1))
     size = tile + 2 * context
@@ -343,7 +342,7 @@ class StainPipeline:
     def despeckle_halo(self) -> int:
         """Context each side the despeckled R of a pixel depends on (net + median)."""
         if self._halo is None:
-            from napari_confocal_stain.core.inference import receptive_radius
+            from napari_confocal_stain.inference import receptive_radius
 
             model = self.despeckle_model()
             self._halo = 0 if model is None else receptive_radius(model) + 1
@@ -371,7 +370,7 @@ class StainPipeline:
             return read_normalized(self.mosaic, "r", level, (y0, y1, x0, x1))
         if self.settings.despeckle is None:
             raise ValueError("despeckled R was asked for but the settings name no despeckle model")
-        from napari_confocal_stain.core.inference import despeckle_region
+        from napari_confocal_stain.inference import despeckle_region
 
         h, w = self.level_shapes[level]
         halo = self.despeckle_halo()
@@ -416,10 +415,10 @@ class StainPipeline:
 
         Raises
         ------
-        napari_confocal_stain.core.inference.Cancelled
+        napari_confocal_stain.inference.Cancelled
             ``cancel()`` returned True between blocks.
         """
-        from napari_confocal_stain.core.inference import stain_region
+        from napari_confocal_stain.inference import stain_region
 
         s = self.settings
         gy0, gy1, gx0, gx1 = self.grown(level, box, context)

@@ -20,9 +20,10 @@ Scheduling
     centre first. One worker thread takes the best wanted tile that is not done; a tile that
     stops being wanted while it computes is cancelled at the next block boundary (the
     ``cancel`` callback the compute function receives). Finished raw tiles go to the
-    in-memory :class:`~napari_confocal_stain.engine.cache.TileCache` (bounded in bytes) and, if
-    given, to an on-disk :class:`RawTileStore`; ``on_tile`` is then called from the worker
-    thread (the shell moves it to the main thread).
+    in-memory :class:`~napari_confocal_stain.engine.cache.TileCache` (bounded in bytes) and,
+    if given, to an on-disk :class:`~napari_confocal_stain.engine.cache.RawTileStore`;
+    ``on_tile`` is then called from the worker thread (the shell moves it to the main
+    thread).
 """
 
 from __future__ import annotations
@@ -35,19 +36,16 @@ import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_confocal_stain.core.box import Box
 from napari_confocal_stain.engine.blend import compose
-from napari_confocal_stain.engine.cache import TileCache
+from napari_confocal_stain.engine.cache import RawTileStore, TileCache, TileKey
 
-__all__ = ["RawTileStore", "RenderedLevel", "RendererStats", "TileRenderer"]
+__all__ = ["RenderedLevel", "RendererStats", "TileRenderer"]
 
-Box = tuple[int, int, int, int]
-TileKey = tuple[int, int, int]
-"""``(level, ty, tx)``."""
 
 ComputeFn = Callable[[int, Box, Callable[[], bool]], np.ndarray]
 """``compute(level, grown_box, cancel) -> uint8 image of grown_box``."""
@@ -93,89 +91,6 @@ class RendererStats:
         return self.computed_pixels / 1e6 / self.compute_seconds if self.compute_seconds else 0.0
 
 
-class RawTileStore:
-    """Raw (grown) tiles of one scope on disk, in a zarr group, so a slide reopens instantly.
-
-    Each level is an array of shape ``(gy, gx, S, S, C)`` chunked one tile slot per chunk
-    (``S = tile + 2·margin``); a tile smaller than its slot (at the slide's edge) sits in
-    its top-left corner: its geometry is a function of its index, so nothing else is stored.
-    A ``done`` flag per tile is written after the pixels, so a crash in between leaves the
-    tile merely missing. The folder is the user's cache, never a slide folder.
-
-    Parameters
-    ----------
-    root
-        Cache folder.
-    scope
-        :func:`~napari_confocal_stain.engine.cache.scope_key` of the product's parameters.
-    level_shapes, tile, margin, channels
-        The renderer's geometry.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        scope: str,
-        level_shapes: list[tuple[int, int]],
-        tile: int,
-        margin: int,
-        channels: int,
-    ) -> None:
-        import zarr
-
-        self.path = Path(root) / f"{scope}.zarr"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        slot = tile + 2 * margin
-        group = zarr.open_group(str(self.path), mode="a")
-        self._lock = threading.Lock()
-        self._levels = []
-        for i, (h, w) in enumerate(level_shapes):
-            grid = (-(-h // tile), -(-w // tile))
-            shape = (*grid, slot, slot, channels)
-            name = f"raw{i}"
-            if name in group and tuple(group[name].shape) == shape:
-                arr, done = group[name], group[f"{name}_done"]
-            else:
-                arr = group.create_array(
-                    name,
-                    shape=shape,
-                    chunks=(1, 1, slot, slot, channels),
-                    dtype="uint8",
-                    fill_value=0,
-                    overwrite=True,
-                )
-                done = group.create_array(
-                    f"{name}_done",
-                    shape=grid,
-                    chunks=grid,
-                    dtype=bool,
-                    fill_value=False,
-                    overwrite=True,
-                )
-            self._levels.append((arr, done, np.asarray(done[...])))
-
-    def get(self, key: TileKey, shape: tuple[int, ...]) -> np.ndarray | None:
-        """The stored raw tile of ``shape`` (its grown box's), or None."""
-        level, ty, tx = key
-        arr, _, flags = self._levels[level]
-        if not flags[ty, tx]:
-            return None
-        slot = np.asarray(arr[ty, tx])
-        return np.ascontiguousarray(slot[: shape[0], : shape[1], : shape[2]])
-
-    def put(self, key: TileKey, image: np.ndarray) -> None:
-        """Store a raw tile, then mark it done."""
-        level, ty, tx = key
-        arr, done, flags = self._levels[level]
-        h, w = image.shape[:2]
-        slot = np.zeros(arr.shape[2:], dtype=np.uint8)
-        slot[:h, :w] = image.reshape(h, w, -1)
-        arr[ty, tx] = slot
-        with self._lock:  # the done grid is one small chunk: serialise read-modify-write
-            flags[ty, tx] = True
-            done[ty, tx] = True
-
-
 class TileRenderer:
     """Compute a product tile by tile for what is on screen, in a background thread.
 
@@ -201,7 +116,8 @@ class TileRenderer:
     cache
         In-memory cache (shared between renderers is fine: keys include the scope).
     store
-        Optional on-disk :class:`RawTileStore` of this scope.
+        Optional on-disk :class:`~napari_confocal_stain.engine.cache.RawTileStore` of this
+        scope.
     placeholder_scope
         Key of what determines the placeholder's pixels (default ``scope``): renderers of
         different models on one slide then share the placeholder tiles.

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from napari_confocal_stain.core.box import Box
+
 __all__ = [
     "COARSEST_SIDE",
     "ExportPlan",
@@ -29,7 +31,6 @@ COARSEST_SIDE = 512
 """The output pyramid stops at the first level whose larger side is at most this (one
 storage chunk at the default tile): small enough for a slide overview in QuPath."""
 
-Box = tuple[int, int, int, int]
 
 _REGION = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*$")
 

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_confocal_stain._fs import work_folder, write_atomic
 from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings, to_uint8
 from napari_confocal_stain.errors import (
     ConfocalStainError,
@@ -64,7 +65,6 @@ from napari_confocal_stain.errors import (
 from napari_confocal_stain.export import store
 from napari_confocal_stain.export.distributed import on_worker_setup, open_pool
 from napari_confocal_stain.export.plan import Box, ExportPlan, parse_region
-from napari_confocal_stain.io.atomic import write_atomic
 
 __all__ = [
     "FORMATS",
@@ -324,8 +324,8 @@ def _resolve_settings(settings: StainSettings, method: str) -> StainSettings:
     """
     if method != "gan" or settings.precision != "auto":
         return settings
-    from napari_confocal_stain.core.inference import resolve_device, resolve_precision
     from napari_confocal_stain.engine.pipeline import get_model
+    from napari_confocal_stain.inference import resolve_device, resolve_precision
 
     model = get_model(settings.model, settings.device, "stain")
     return replace(
@@ -495,7 +495,7 @@ def export_slide(
         raise UsageError(f"context must be in 1..tile/2 = {plan.tile // 2}, got {ctx}")
 
     _check_not_in_input(out, mosaic)
-    work = out.parent / f".{out.name}.partial"
+    work = work_folder(out)
     manifest_path = work / "manifest.json"
     if resume and manifest_path.is_file():
         stored = _read_manifest(work)
@@ -787,7 +787,7 @@ def export_array(
         raise ValueError(f"expected uint8 pixels, got {array.dtype}")
     channels = 1 if len(shape) == 2 else 3
     plan = ExportPlan.make((0, shape[0], 0, shape[1]), tile)
-    work = out.parent / f".{out.name}.partial"
+    work = work_folder(out)
     made = _missing_folders(out.parent)
     shutil.rmtree(work, ignore_errors=True)
     image = str(work / "image.zarr")
@@ -974,7 +974,7 @@ class _Driver:
         except KeyboardInterrupt:
             raise  # the user wants out now: in-flight chunks are simply redone on resume
         except Exception as exc:
-            from napari_confocal_stain.core.inference import Cancelled
+            from napari_confocal_stain.inference import Cancelled
 
             self.settle()
             try:

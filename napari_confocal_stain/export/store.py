@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from napari_confocal_stain._fs import write_atomic
 from napari_confocal_stain.export.plan import Box, ExportPlan
-from napari_confocal_stain.io.atomic import write_atomic
 
 __all__ = [
     "CHANNELS",

@@ -1,9 +1,12 @@
 """Neural networks (despeckling nets, stain generators, PatchGAN), registry and checkpoints.
 
->>> from napari_confocal_stain.models import build_model, save_checkpoint, load_model
+>>> from napari_confocal_stain.models import build_model, save_checkpoint, read_model
 >>> net = build_model("unet", base_filters=32)
 >>> save_checkpoint("unet32.safetensors", net, training={"epochs": 0})  # doctest: +SKIP
->>> net = load_model("unet32.safetensors", device="auto")  # doctest: +SKIP
+>>> net = read_model("unet32.safetensors")  # doctest: +SKIP
+
+Running a model (on a device, over regions of any size) is
+:mod:`napari_confocal_stain.inference`'s job: ``load_model(name, device="auto")``.
 """
 
 from napari_confocal_stain.models.checkpoint import (
@@ -12,11 +15,10 @@ from napari_confocal_stain.models.checkpoint import (
     WEIGHTS_DIR,
     available_weights,
     load_checkpoint,
-    load_model,
+    read_model,
     save_checkpoint,
 )
 from napari_confocal_stain.models.despeckle import SKIPS, DespeckleNN
-from napari_confocal_stain.models.device import DeviceError, select_device
 from napari_confocal_stain.models.discriminator import (
     NLayerDiscriminator,
     patchgan_receptive_field,
@@ -44,7 +46,6 @@ __all__ = [
     "WEIGHTS_DIR",
     "AffineGenerator",
     "DespeckleNN",
-    "DeviceError",
     "ModelSpec",
     "NLayerDiscriminator",
     "ResnetBlock",
@@ -57,10 +58,9 @@ __all__ = [
     "count_flops",
     "flops_per_pixel",
     "load_checkpoint",
-    "load_model",
     "model_spec",
     "patchgan_receptive_field",
+    "read_model",
     "register_model",
     "save_checkpoint",
-    "select_device",
 ]

@@ -13,7 +13,7 @@ holds one key, ``"napari_confocal_stain"``, with a JSON object:
 ``extra``            anything else the writer wants to keep, or null
 ``n_parameters``     parameter count, for listings
 
-The file decides nothing about how much memory loading takes. :func:`load_model` reads only
+The file decides nothing about how much memory loading takes. :func:`read_model` reads only
 the safetensors header first (see :mod:`~napari_confocal_stain.models.safetensors_header`) and
 checks it; checks the architecture name and each kwarg's type and range (see
 :mod:`~napari_confocal_stain.models.limits`); builds the architecture on the ``meta`` device,
@@ -47,9 +47,8 @@ import torch
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from napari_confocal_stain._fs import write_atomic as _write_atomic
 from napari_confocal_stain.errors import CheckpointError
-from napari_confocal_stain.io.atomic import write_atomic as _write_atomic
-from napari_confocal_stain.models.device import select_device
 from napari_confocal_stain.models.limits import MAX_PARAMETERS
 from napari_confocal_stain.models.registry import (
     ModelSpec,
@@ -71,9 +70,8 @@ __all__ = [
     "WEIGHTS_DIR",
     "available_weights",
     "load_checkpoint",
-    "load_model",
+    "read_model",
     "save_checkpoint",
-    "select_device",
 ]
 
 FORMAT_VERSION = 1
@@ -583,16 +581,18 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         ) from None
 
 
-def load_model(
+def read_model(
     name_or_path: str | Path,
-    device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     *,
     architecture: str | None = None,
     kwargs: Mapping[str, Any] | None = None,
-    fallback: bool = False,
 ) -> nn.Module:
-    """Load a model, ready for inference.
+    """Read a checkpoint into its architecture, on the CPU, in eval mode.
+
+    Inference code loads models through
+    :func:`napari_confocal_stain.inference.device.load_model`, which also places them on a
+    device.
 
     Parameters
     ----------
@@ -601,22 +601,17 @@ def load_model(
         :func:`available_weights`) or the path of a checkpoint: a ``.safetensors`` file from
         :func:`save_checkpoint`, or a legacy ``.pt`` / ``.pth`` state dict (read with
         ``weights_only=True``; needs ``architecture``).
-    device
-        ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``; see
-        :func:`select_device`.
     dtype
         Cast floating-point weights, e.g. ``torch.float16`` or ``"bf16"``; ``None`` keeps them.
     architecture, kwargs
         Registry name and constructor kwargs for files that do not record them (legacy
         ``.pt``, foreign safetensors). For our checkpoints they may be omitted; if given they
         must agree with the file.
-    fallback
-        Fall back to the CPU with a warning when ``device`` is unavailable.
 
     Returns
     -------
     nn.Module
-        In eval mode on the device, with a ``checkpoint_meta`` dict attribute (the file's
+        In eval mode on the CPU, with a ``checkpoint_meta`` dict attribute (the file's
         metadata plus ``"path"``).
 
     Raises
@@ -625,8 +620,6 @@ def load_model(
         Any problem with the file or its match to the architecture, one line naming the file
         (and the tensor and both shapes for a mismatch). The architecture is compared with
         the file's header before any tensor is read or any real tensor is allocated.
-    DeviceError
-        The device is unavailable and ``fallback`` is false.
     """
     path = _resolve(name_or_path)
     target_dtype = _resolve_dtype(dtype)
@@ -686,8 +679,7 @@ def load_model(
     meta = {**meta, "kwargs": dict(model.config), "path": str(path)}
     if meta.get("normalization") is None:
         meta["normalization"] = dict(spec.normalization)
-    target = select_device(device, fallback=fallback)
-    model.to(device=target, dtype=target_dtype)
+    model.to(dtype=target_dtype)
     if cast:  # a float64 file, or dtype=, may hold values that become inf in the model's dtype
         for name, t in model.state_dict().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -509,7 +509,7 @@ class HeatmapsWidget(Container):
         self._say(f"{key[0]} · {key[1]}: {done}/{total} chunks measured")
 
     def _on_error(self, exc: BaseException) -> None:
-        from napari_confocal_stain.core.inference import Cancelled
+        from napari_confocal_stain.inference import Cancelled
 
         if isinstance(exc, Cancelled):
             self._say("Measurement cancelled; the cells done so far are shown.")

@@ -27,10 +27,10 @@ from psygnal import Signal
 from qtpy.QtCore import QTimer
 from superqt.utils import ensure_main_thread
 
-from napari_confocal_stain.engine.cache import TileCache
+from napari_confocal_stain.engine.cache import RawTileStore, TileCache
 from napari_confocal_stain.engine.linear_view import LinearStainView
 from napari_confocal_stain.engine.pipeline import StainPipeline, to_uint8, worker_thread_init
-from napari_confocal_stain.engine.renderer import RawTileStore, TileRenderer
+from napari_confocal_stain.engine.renderer import TileRenderer
 from napari_confocal_stain.napari._layers import META_KEY, layer_name
 
 if TYPE_CHECKING:  # pragma: no cover

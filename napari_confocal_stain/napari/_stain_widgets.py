@@ -24,6 +24,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from napari_confocal_stain._fs import work_folder
 from napari_confocal_stain.core.tiling import STRATEGIES
 from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings
 from napari_confocal_stain.models.defaults import DEFAULT_DESPECKLE_MODEL, DEFAULT_STAIN_MODEL
@@ -164,7 +165,7 @@ def _check_model_async(
             model = get_model(name_or_path, device, kind)
             if precision is None:
                 return model, None
-            from napari_confocal_stain.core.inference import resolve_device, resolve_precision
+            from napari_confocal_stain.inference import resolve_device, resolve_precision
 
             dev = resolve_device(device)
             resolved = resolve_precision(precision, dev, model)
@@ -597,7 +598,7 @@ class GanStainWidget(Container):
         if what == "despeckled-r" and settings.despeckle is None:
             desp = self._despeckle.model.choice if self._despeckle is not None else None
             settings = replace(settings, despeckle=desp or DEFAULT_DESPECKLE_MODEL)
-        resume = (target.parent / f".{target.name}.partial").exists()
+        resume = work_folder(target).exists()
         self._export_cancelled = False
 
         state = {"done": 0, "total": 1}  # written by the worker, read by a main-thread timer

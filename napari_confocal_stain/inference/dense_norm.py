@@ -1,52 +1,24 @@
-"""The ``seamless`` strategy: one layer-synchronous pass with windowed normalisation statistics.
+"""Dense instance norm: InstanceNorm with windowed statistics, for seam-free region passes.
 
-Why tiles show seams
-    A generator with InstanceNorm normalises every feature map by the mean and variance of the
-    whole input. Run tile by tile, each tile is normalised by its *own* statistics, so the same
-    tissue gets a different colour on either side of a tile boundary; the convolutions also see
-    padding instead of neighbours at every tile edge (thesis §3.4, Fig. 3.5). The overlap
-    strategies hide this by running the model 4–16 times per pixel.
+:func:`make_seamless` copies a model (sharing its parameters) with every
+``nn.InstanceNorm2d`` replaced by :class:`DenseInstanceNorm2d`: statistics of ``N × N``
+windows (``N`` = the tile at the input, ``N/s`` on an activation of stride ``s``) evaluated on
+a lattice ``K`` times finer than the tile grid and interpolated per pixel, as affine maps
+``y = a·x + b``. Every pixel is thus normalised by (nearly) the tile centred on it, the scale
+the network was trained at. With ``K = 1`` this is KIN / Dense Normalization (Ho et al., ECCV
+2022 / 2024: per-tile statistics interpolated between tile centres). ``K = 1`` still leaves a
+tile-periodic trace (the bilinear maps have kinks at the tile centres and full slopes at the
+tile edges: seam index 1.06–1.18 for a random U-Net on the H&E test crop); ``K = 8`` (the
+default) removes the tile period altogether, and the residual lattice period ``N/8`` has a
+seam index within ±1 % of 1.
 
-What this module does instead (model-agnostic)
-    1. **Dense instance norm.** A copy of the model that *shares the original's parameters* gets
-       every ``nn.InstanceNorm2d`` (without running statistics) replaced by
-       :class:`DenseInstanceNorm2d`: statistics of ``N × N`` windows (``N`` = the tile at the
-       input, ``N/s`` on an activation of stride ``s``) evaluated on a lattice ``K`` times finer
-       than the tile grid and interpolated per pixel, as affine maps ``y = a·x + b``. Every
-       pixel is thus normalised by (nearly) the tile centred on it, the scale the network was
-       trained at. With ``K = 1`` this is KIN / Dense Normalization (Ho et al., ECCV 2022 /
-       2024: per-tile statistics interpolated between tile centres). We measured that ``K = 1``
-       still leaves a tile-periodic trace: the bilinear maps have kinks at the tile centres and
-       full slopes at the tile edges, and the seam index of a random U-Net on the H&E test crop
-       was 1.06–1.18. ``K = 8`` (the default) removes the tile period altogether; the residual
-       lattice period ``N/8`` has a seam index within ±1 % of 1.
-    2. **Layer-synchronous region pass.** The whole (padded) region goes through the network as
-       *one* forward pass: every norm layer sees the activations of the whole region before the
-       next layer runs, and convolutions see real neighbours instead of padding at tile edges.
-       Unlike KIN (a statistics pass, then a normalisation pass: about 2× the work), this is
-       1× the model's work.
-    3. **Costs kept at the tile level.** The engine runs this copy channels-last (NHWC), where
-       oneDNN's convolutions and transposed convolutions are faster, for *every* strategy, so
-       ``independent`` gets the same speed-up and the comparison stays fair. The dense norm is
-       written for that layout and is as fast as a plain instance norm: cell statistics by
-       streaming row sums over cache-sized slabs (a single strided reduction, or
-       ``F.instance_norm`` on NHWC, is 3× slower), maps interpolated one lattice interval at
-       a time. A norm that directly follows a convolution in an ``nn.Sequential`` normalises
-       in place; on the CPU the largest remaining overhead of a whole-region pass over tiles
-       is page-faulting fresh memory for its larger activations, so every avoided allocation
-       counts. Measured on the 2-core benchmark machine, 2048² U-Net base 64 (bench/tiling.py):
-       the whole-region pass takes 1.05–1.15× the wall time of 16 independent 512² tiles.
-    4. **Blocks for memory.** Regions larger than the memory budget are split into blocks cut
-       on the tile grid, each read with a context ``margin`` and cross-faded linearly with its
-       neighbour over ``margin`` pixels. Work is ``(core + 2·margin) / core`` per split axis,
-       so blocks are as large as the budget allows (full-width bands first).
-
-With one block the result is exactly the model with dense instance norm on the reflect-padded
-region, and if the region is no larger than a tile it is the original model's single pass.
-The output depends on the tile grid only through the fine lattice (anchored at ``origin``), so
-regions computed separately on a shared lattice differ only through what each saw as context
-near its borders; callers stitching regions should give them context (a tile is ample: the
-influence of far context decays) and cross-fade, as :func:`plan_blocks` does.
+The norm is written for the channels-last layout the engine runs in and is as fast as a
+plain instance norm: cell statistics by streaming row sums over cache-sized slabs (a single
+strided reduction, or ``F.instance_norm`` on NHWC, is 3× slower), maps interpolated one
+lattice interval at a time. A norm that directly follows a convolution in an
+``nn.Sequential`` normalises in place: on the CPU the largest overhead of a whole-region pass
+over tiles is page-faulting fresh memory for its larger activations, so every avoided
+allocation counts. How the region pass uses it: :mod:`napari_confocal_stain.inference.seamless`.
 """
 
 from __future__ import annotations
@@ -55,18 +27,13 @@ import contextlib
 import copy
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-
-from napari_confocal_stain.core.tiling import (
-    crossfade_blocks,
-    round_up,
-)
 
 SUBDIVISIONS = 8
 """Default lattice cells per tile (``K``) of the dense instance norm."""
@@ -560,136 +527,3 @@ def make_seamless(model: nn.Module) -> SeamlessModel:
     holder = _GridHolder()
     count = _replace(inner, holder)
     return SeamlessModel(inner.eval(), holder, count)
-
-
-@dataclass(frozen=True)
-class Block:
-    """One block of a region pass: input rows/cols and the output cross-fade weights."""
-
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    wy: np.ndarray
-    wx: np.ndarray
-
-    @property
-    def pixels(self) -> int:
-        """Model input pixels of the block."""
-        return (self.y1 - self.y0) * (self.x1 - self.x0)
-
-
-def plan_blocks(
-    shape: tuple[int, int],
-    tile: int,
-    origin: tuple[int, int],
-    *,
-    max_pixels: float,
-    margin: int,
-    multiple: int,
-) -> list[Block]:
-    """Split a padded region into cross-faded blocks of at most ``max_pixels`` input pixels.
-
-    One block if the region fits; else full-width bands of as many tiles as fit; else square
-    blocks. Cuts lie at statistics-tile centres (``origin + N/2 + k·N``).
-
-    Parameters
-    ----------
-    shape
-        Padded region ``(H, W)``, multiples of ``multiple``.
-    tile
-        Statistics tile ``N``.
-    origin
-        A statistics-grid line, in region pixels.
-    max_pixels
-        Memory budget in model input pixels per block.
-    margin
-        Context each side of a cut (a multiple of ``multiple``); also the cross-fade width.
-    multiple
-        The model's size multiple.
-
-    Returns
-    -------
-    list of Block
-    """
-    h, w = shape
-    if h * w <= max_pixels:
-        return [Block(0, h, 0, w, np.ones(h), np.ones(w))]
-    cy, cx = origin
-    core = (int(max_pixels // w) - 2 * margin) // tile * tile
-    if core >= tile:
-        rows = crossfade_blocks(h, core, margin, cy, multiple)
-        cols = [(0, w, np.ones(w))]
-    else:
-        core = max(tile, (int(math.sqrt(max_pixels)) - 2 * margin) // tile * tile)
-        rows = crossfade_blocks(h, core, margin, cy, multiple)
-        cols = crossfade_blocks(w, core, margin, cx, multiple)
-    return [Block(y0, y1, x0, x1, wy, wx) for y0, y1, wy in rows for x0, x1, wx in cols]
-
-
-def run_region(
-    x: torch.Tensor,
-    model: SeamlessModel,
-    tile: int,
-    origin: tuple[int, int],
-    blocks: list[Block],
-    *,
-    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    on_block: Callable[[int], None] | None = None,
-    subdivisions: int = SUBDIVISIONS,
-) -> torch.Tensor:
-    """Run the blocks of a region pass and cross-fade them into one output.
-
-    Parameters
-    ----------
-    x
-        ``(1, C, H, W)`` padded region, already on the model's device and scaled for the model.
-    model
-        From :func:`make_seamless`.
-    tile, origin
-        Statistics grid in region pixels.
-    blocks
-        From :func:`plan_blocks`.
-    forward
-        ``forward(model, tensor) -> tensor``; the engine's device runner (autocast, OOM seam).
-    on_block
-        Called with the block index after each block (progress, cancellation).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(1, C_out, H, W)`` float32 on the CPU.
-    """
-    h, w = x.shape[-2:]
-    if len(blocks) == 1:
-        (blk,) = blocks
-        grid = StatsGrid((h, w), tile, (float(origin[0]), float(origin[1])), subdivisions)
-        with model.grid(grid):
-            out = forward(model, x).float().cpu()
-        if on_block is not None:
-            on_block(0)
-        return out
-    canvas: torch.Tensor | None = None
-    for k, blk in enumerate(blocks):
-        part = x[:, :, blk.y0 : blk.y1, blk.x0 : blk.x1]
-        grid = StatsGrid(
-            (blk.y1 - blk.y0, blk.x1 - blk.x0),
-            tile,
-            (float(origin[0] - blk.y0), float(origin[1] - blk.x0)),
-            subdivisions,
-        )
-        with model.grid(grid):
-            y = forward(model, part).float().cpu()
-        if canvas is None:
-            canvas = torch.zeros((1, y.shape[1], h, w))
-        wgt = torch.as_tensor(np.outer(blk.wy, blk.wx), dtype=torch.float32)
-        canvas[:, :, blk.y0 : blk.y1, blk.x0 : blk.x1] += y * wgt
-        if on_block is not None:
-            on_block(k)
-    assert canvas is not None
-    return canvas
-
-
-def default_margin(tile: int, multiple: int) -> int:
-    """Context each side of a block cut: a quarter tile, at least 4 size multiples."""
-    return round_up(max(tile // 4, 4 * multiple), multiple)

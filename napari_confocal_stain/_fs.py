@@ -1,8 +1,10 @@
-"""Atomic file writes: a temporary file beside the target, fsync, then rename.
+"""How outputs reach the disk: atomic file writes and the name of an export's work folder.
 
-An interrupted or failed write therefore leaves either the old file or the new one, never a
-partial file (the project's rule for every output it writes); an ``OSError`` it raises
-names the destination.
+:func:`write_atomic` writes a temporary file beside the target, fsyncs it, then renames it:
+an interrupted or failed write leaves either the old file or the new one, never a partial
+file (the project's rule for every output it writes); an ``OSError`` it raises names the
+destination. :func:`work_folder` is the one rule for where a long output is built before it
+is renamed into place.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import errno
 import os
 import tempfile
 from pathlib import Path
+
+__all__ = ["work_folder", "write_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int = 0o644) -> Path:
@@ -56,3 +60,22 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int = 0o64
             exc.filename = str(path)
         raise
     return path
+
+
+def work_folder(out: str | os.PathLike) -> Path:
+    """Where the output ``out`` is built before it is renamed into place: ``.OUT.partial``.
+
+    A hidden sibling of ``out`` (so it is on the same file system and the final rename is
+    atomic), never inside a slide's folder. Exports resume from it (``--resume``).
+
+    Parameters
+    ----------
+    out
+        The output path.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
