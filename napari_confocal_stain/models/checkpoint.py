@@ -165,20 +165,7 @@ def save_checkpoint(
         ``model``'s tensors, non-JSON metadata, or non-finite weights.
     """
     path = Path(path)
-    if architecture is None:
-        try:
-            architecture = architecture_of(model)
-        except KeyError as exc:
-            raise CheckpointError(f"save_checkpoint: {exc.args[0]}") from None
-    try:
-        spec = model_spec(architecture)
-    except KeyError as exc:
-        raise CheckpointError(f"save_checkpoint: {exc.args[0]}") from None
-    if not isinstance(model, spec.cls):
-        raise CheckpointError(
-            f"save_checkpoint: architecture {architecture!r} is a {spec.cls.__name__}, "
-            f"but the model is a {type(model).__name__}"
-        )
+    architecture, spec = _saved_architecture(model, architecture)
     if kwargs is None:
         kwargs = getattr(model, "config", None)
         if kwargs is None:
@@ -215,6 +202,25 @@ def save_checkpoint(
     blob = _st_save(state, metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
     _write_atomic(path, blob)
     return path
+
+
+def _saved_architecture(model: nn.Module, architecture: str | None) -> tuple[str, Any]:
+    """The registry name to record for ``model`` and its spec (checked against its class)."""
+    if architecture is None:
+        try:
+            architecture = architecture_of(model)
+        except KeyError as exc:
+            raise CheckpointError(f"save_checkpoint: {exc.args[0]}") from None
+    try:
+        spec = model_spec(architecture)
+    except KeyError as exc:
+        raise CheckpointError(f"save_checkpoint: {exc.args[0]}") from None
+    if not isinstance(model, spec.cls):
+        raise CheckpointError(
+            f"save_checkpoint: architecture {architecture!r} is a {spec.cls.__name__}, "
+            f"but the model is a {type(model).__name__}"
+        )
+    return architecture, spec
 
 
 # ---------------------------------------------------------------------------------------- load
@@ -623,47 +629,7 @@ def read_model(
     """
     path = _resolve(name_or_path)
     target_dtype = _resolve_dtype(dtype)
-    header = None
-    with _open_checkpoint(path) as (f, size):
-        if path.suffix.lower() in LEGACY_SUFFIXES:
-            if architecture is None:
-                raise _fail(
-                    path,
-                    f"a legacy PyTorch file carries no architecture: call load_model(path, "
-                    f"architecture=..., kwargs=...) with one of {', '.join(available_models())}",
-                )
-            meta = _caller_meta(architecture, kwargs, "legacy-pickle")
-            # The caller's kwargs are checked before the file is unpickled.
-            spec, model = _expected_state(path, architecture, meta["kwargs"])
-            state = _load_legacy(path, f, size)
-            found: Mapping[str, Any] = state
-        else:
-            header = read_header(f, size, path)
-            if architecture is not None and not (
-                header.metadata and METADATA_KEY in header.metadata
-            ):
-                meta = _caller_meta(architecture, kwargs, "foreign-safetensors")
-            else:
-                meta = _parse_meta(path, header.metadata)
-                if architecture is not None and architecture != meta["architecture"]:
-                    raise _fail(
-                        path,
-                        f"the file is a {meta['architecture']!r} checkpoint, not {architecture!r}",
-                    )
-                given = _json_dict(kwargs, "load_model: kwargs") or {}
-                differ = {k: v for k, v in given.items() if meta["kwargs"].get(k) != v}
-                if differ:
-                    raise _fail(path, f"the file records kwargs {meta['kwargs']}, not {differ}")
-            # Judge the file against the architecture built on the meta device (no memory)
-            # before reading its tensors or allocating the real model.
-            spec, model = _expected_state(path, meta["architecture"], meta["kwargs"])
-            found = header.tensors
-        expected = model.state_dict()
-        _check_tensors(path, expected, found)
-        if header is not None:
-            state = read_tensors(f, header, path)
-    _check_finite(path, state)
-
+    spec, model, meta, state, expected = _checked_state(path, architecture, kwargs)
     # The meta model becomes the real one: strict loading overwrites every parameter and
     # persistent buffer, so a random initialisation would be wasted work. A non-persistent
     # buffer is not in the file and needs the constructor's value: then build for real.
@@ -687,3 +653,61 @@ def read_model(
     model.eval()
     model.checkpoint_meta = meta
     return model
+
+
+def _checked_state(
+    path: Path, architecture: str | None, kwargs: Mapping[str, Any] | None
+) -> tuple[Any, nn.Module, dict, Mapping[str, torch.Tensor], dict]:
+    """Judge a checkpoint file, then read its tensors.
+
+    Returns ``(spec, meta_model, meta, state, expected)``: the architecture's spec, the model
+    built on the meta device (no memory), the file's metadata, the checked finite tensors and
+    the architecture's expected state dict. Nothing is read before the header (or, for a
+    legacy file, the caller's architecture) has been checked against the architecture.
+    """
+    header = None
+    with _open_checkpoint(path) as (f, size):
+        if path.suffix.lower() in LEGACY_SUFFIXES:
+            if architecture is None:
+                raise _fail(
+                    path,
+                    f"a legacy PyTorch file carries no architecture: call load_model(path, "
+                    f"architecture=..., kwargs=...) with one of {', '.join(available_models())}",
+                )
+            meta = _caller_meta(architecture, kwargs, "legacy-pickle")
+            # The caller's kwargs are checked before the file is unpickled.
+            spec, model = _expected_state(path, architecture, meta["kwargs"])
+            state = _load_legacy(path, f, size)
+            found: Mapping[str, Any] = state
+        else:
+            header = read_header(f, size, path)
+            meta = _header_meta(path, header, architecture, kwargs)
+            # Judge the file against the architecture built on the meta device (no memory)
+            # before reading its tensors or allocating the real model.
+            spec, model = _expected_state(path, meta["architecture"], meta["kwargs"])
+            found = header.tensors
+        expected = model.state_dict()
+        _check_tensors(path, expected, found)
+        if header is not None:
+            state = read_tensors(f, header, path)
+    _check_finite(path, state)
+    return spec, model, meta, state, expected
+
+
+def _header_meta(
+    path: Path, header: Any, architecture: str | None, kwargs: Mapping[str, Any] | None
+) -> dict:
+    """The package metadata of a safetensors header, agreeing with what the caller gave."""
+    if architecture is not None and not (header.metadata and METADATA_KEY in header.metadata):
+        return _caller_meta(architecture, kwargs, "foreign-safetensors")
+    meta = _parse_meta(path, header.metadata)
+    if architecture is not None and architecture != meta["architecture"]:
+        raise _fail(
+            path,
+            f"the file is a {meta['architecture']!r} checkpoint, not {architecture!r}",
+        )
+    given = _json_dict(kwargs, "load_model: kwargs") or {}
+    differ = {k: v for k, v in given.items() if meta["kwargs"].get(k) != v}
+    if differ:
+        raise _fail(path, f"the file records kwargs {meta['kwargs']}, not {differ}")
+    return meta

@@ -33,12 +33,13 @@ from torch import nn
 SKIPS = ("multiplicative", "divisive", "log-add", "log-subtract")
 """The skip connections DespeckleNN supports."""
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "tanh": nn.Tanh,
     "relu": nn.ReLU,
     "sigmoid": nn.Sigmoid,
     "softplus": nn.Softplus,
 }
+"""Final activations DespeckleNN accepts, by name."""
 
 
 class SamePad2d(nn.Module):
@@ -124,10 +125,10 @@ class DespeckleNN(nn.Module):
             )
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"DespeckleNN: kernel must be a positive odd size, got {kernel}")
-        if final_activation is not None and final_activation not in _ACTIVATIONS:
+        if final_activation is not None and final_activation not in ACTIVATIONS:
             raise ValueError(
                 f"DespeckleNN: final_activation must be None or one of "
-                f"{tuple(_ACTIVATIONS)}, got {final_activation!r}"
+                f"{tuple(ACTIVATIONS)}, got {final_activation!r}"
             )
         dilations = (dilation,) * layers if isinstance(dilation, int) else tuple(dilation)
         if len(dilations) != layers or any(int(d) < 1 for d in dilations):
@@ -168,7 +169,7 @@ class DespeckleNN(nn.Module):
             in_ch = filters
         stages.append(nn.Conv2d(filters, 1, 1))  # "merges" the K channels into one image
         if final_activation is not None:
-            stages.append(_ACTIVATIONS[final_activation]())
+            stages.append(ACTIVATIONS[final_activation]())
         self.net = nn.Sequential(*stages)
 
     @property

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 
-def _check_image(x: torch.Tensor, name: str, channels: int, multiple: int) -> None:
+def check_input(x: torch.Tensor, name: str, channels: int, multiple: int) -> None:
     """Raise a clear ValueError unless ``x`` is (B, channels, H, W) with H, W fit for the net."""
     if x.ndim != 4 or x.shape[1] != channels:
         raise ValueError(f"{name} expects a (B, {channels}, H, W) tensor, got {tuple(x.shape)}")
@@ -47,7 +47,7 @@ def _check_image(x: torch.Tensor, name: str, channels: int, multiple: int) -> No
         )
 
 
-def _conv_in_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Sequential:
+def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Sequential:
     """Reflection pad → Conv2d → InstanceNorm2d → ReLU (a stem or encoder stage)."""
     return nn.Sequential(
         nn.ReflectionPad2d(kernel // 2),
@@ -57,7 +57,7 @@ def _conv_in_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.S
     )
 
 
-def _up_in_relu(in_ch: int, out_ch: int) -> nn.Sequential:
+def up_block(in_ch: int, out_ch: int) -> nn.Sequential:
     """3×3 stride-2 transposed conv (exactly doubles H and W) → InstanceNorm2d → ReLU."""
     return nn.Sequential(
         nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1, output_padding=1),
@@ -71,7 +71,7 @@ def _head(in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(in_ch, out_ch, 7), nn.Tanh())
 
 
-class _Generator(nn.Module):
+class DeepGenerator(nn.Module):
     """Shared helpers of the deep generators."""
 
     n_down: int
@@ -158,7 +158,7 @@ class ResnetBlock(nn.Module):
         return x + self.conv_block(x)
 
 
-class ResnetGenerator(_Generator):
+class ResnetGenerator(DeepGenerator):
     """ResNet generator (thesis §3.3.2 item 1; CycleGAN ``resnet_9blocks`` with the defaults).
 
     Parameters
@@ -203,20 +203,20 @@ class ResnetGenerator(_Generator):
         self.in_channels = in_channels
         self.n_down = n_down
         f = base_filters
-        self.stem = _conv_in_relu(in_channels, f, 7)
+        self.stem = conv_block(in_channels, f, 7)
         self.down = nn.ModuleList(
-            _conv_in_relu(f * 2**i, f * 2 ** (i + 1), 3, stride=2) for i in range(n_down)
+            conv_block(f * 2**i, f * 2 ** (i + 1), 3, stride=2) for i in range(n_down)
         )
         bottleneck = f * 2**n_down
         self.blocks = nn.ModuleList(ResnetBlock(bottleneck) for _ in range(n_blocks))
         self.up = nn.ModuleList(
-            _up_in_relu(f * 2 ** (i + 1), f * 2**i) for i in reversed(range(n_down))
+            up_block(f * 2 ** (i + 1), f * 2**i) for i in reversed(range(n_down))
         )
         self.head = _head(f, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, 3, H, W)`` in [-1, 1] to the same shape in [-1, 1]."""
-        _check_image(x, "ResnetGenerator", self.in_channels, self.size_multiple)
+        check_input(x, "ResnetGenerator", self.in_channels, self.size_multiple)
         x = self.stem(x)
         for stage in self.down:
             x = stage(x)
@@ -227,7 +227,7 @@ class ResnetGenerator(_Generator):
         return self.head(x)
 
 
-class UNetGenerator(_Generator):
+class UNetGenerator(DeepGenerator):
     """U-Net generator (thesis §3.3.2 item 2), with the appendix code's shape bug fixed.
 
     Encoder: the ResNet's stem and ``n_down`` stride-2 stages, keeping each stage's output
@@ -281,18 +281,16 @@ class UNetGenerator(_Generator):
         ch = [min(base_filters * 2**i, max_filters) for i in range(n_down + 1)]
         self.channels = tuple(ch)
         """Channels ``c₀ … cₙ`` of the encoder levels (full resolution first)."""
-        self.stem = _conv_in_relu(in_channels, ch[0], 7)
-        self.down = nn.ModuleList(
-            _conv_in_relu(ch[i], ch[i + 1], 3, stride=2) for i in range(n_down)
-        )
-        self.middle = _conv_in_relu(ch[n_down], ch[n_down], 3)
+        self.stem = conv_block(in_channels, ch[0], 7)
+        self.down = nn.ModuleList(conv_block(ch[i], ch[i + 1], 3, stride=2) for i in range(n_down))
+        self.middle = conv_block(ch[n_down], ch[n_down], 3)
         # up[j] runs at level k = n_down - j: input cat(x, e_k) has 2·c_k channels.
-        self.up = nn.ModuleList(_up_in_relu(2 * ch[k], ch[k - 1]) for k in range(n_down, 0, -1))
+        self.up = nn.ModuleList(up_block(2 * ch[k], ch[k - 1]) for k in range(n_down, 0, -1))
         self.head = _head(ch[0], out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, 3, H, W)`` in [-1, 1] to the same shape in [-1, 1]."""
-        _check_image(x, "UNetGenerator", self.in_channels, self.size_multiple)
+        check_input(x, "UNetGenerator", self.in_channels, self.size_multiple)
         x = self.stem(x)
         skips = []
         for stage in self.down:

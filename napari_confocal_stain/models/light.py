@@ -31,17 +31,17 @@ import torch
 from torch import nn
 
 from napari_confocal_stain.models.generators import (
+    DeepGenerator,
     ResnetBlock,
-    _check_image,
-    _conv_in_relu,
-    _Generator,
-    _up_in_relu,
+    check_input,
+    conv_block,
+    up_block,
 )
 
 __all__ = ["LightGenerator"]
 
 
-class LightGenerator(_Generator):
+class LightGenerator(DeepGenerator):
     """Small U-Net: 3×3 stem, stride-2 encoder, residual bottleneck, skip decoder, input skip.
 
     Parameters
@@ -98,15 +98,13 @@ class LightGenerator(_Generator):
         self.n_down = len(ch) - 1
         self.channels = tuple(ch)
         self.input_skip = bool(input_skip)
-        self.stem = _conv_in_relu(in_channels, ch[0], 3)
+        self.stem = conv_block(in_channels, ch[0], 3)
         self.down = nn.ModuleList(
-            _conv_in_relu(ch[i], ch[i + 1], 3, stride=2) for i in range(self.n_down)
+            conv_block(ch[i], ch[i + 1], 3, stride=2) for i in range(self.n_down)
         )
         self.blocks = nn.ModuleList(ResnetBlock(ch[-1]) for _ in range(n_blocks))
         # up[j] runs at level k = n − j; its input cat(x, e_k) has 2·c_k channels.
-        self.up = nn.ModuleList(
-            _up_in_relu(2 * ch[k], ch[k - 1]) for k in range(self.n_down, 0, -1)
-        )
+        self.up = nn.ModuleList(up_block(2 * ch[k], ch[k - 1]) for k in range(self.n_down, 0, -1))
         head_in = ch[0] + (in_channels if self.input_skip else 0)
         self.head = nn.Sequential(
             nn.ReflectionPad2d(head_kernel // 2),
@@ -116,7 +114,7 @@ class LightGenerator(_Generator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, 3, H, W)`` in [-1, 1] to the same shape in [-1, 1]."""
-        _check_image(x, "LightGenerator", self.in_channels, self.size_multiple)
+        check_input(x, "LightGenerator", self.in_channels, self.size_multiple)
         inp = x
         x = self.stem(x)
         skips = []

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from napari_confocal_stain.models.despeckle import _ACTIVATIONS, SKIPS
+from napari_confocal_stain.models.despeckle import ACTIVATIONS, SKIPS
 
 __all__ = [
     "KWARG_LIMITS",
@@ -193,7 +193,7 @@ KWARG_LIMITS: Mapping[str, KwargRule] = MappingProxyType(
         "head_kernel": IntRange(1, 31),
         "dilation": Either((IntRange(1, 64), IntList(1, 256, 1, 64))),
         "skip": OneOf(tuple(SKIPS)),
-        "final_activation": OneOf((None, *_ACTIVATIONS)),
+        "final_activation": OneOf((None, *ACTIVATIONS)),
         "norm": OneOf(("instance", "none")),
         "input_skip": Flag(),
         "clamp_output": Flag(),

@@ -134,6 +134,20 @@ def read_header(f: BinaryIO, size: int, path: str | Path) -> SafetensorsHeader:
 
     Only the header is read. Every problem is a :class:`CheckpointError` naming ``path``.
     """
+    n, raw, header = _header_json(f, size, path)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise _fail(path, "safetensors __metadata__ must map strings to strings")
+    tensors = {name: _entry(name, entry, path) for name, entry in header.items()}
+    data_bytes = size - 8 - n
+    _check_data_layout(tensors, data_bytes, path)
+    return SafetensorsHeader(n, data_bytes, tensors, metadata, raw)
+
+
+def _header_json(f: BinaryIO, size: int, path: str | Path) -> tuple[int, bytes, dict]:
+    """The header's length, raw bytes and parsed JSON object (bounded, checked)."""
     f.seek(0)
     start = f.read(8)
     hint = _pickle_hint(start)
@@ -164,46 +178,46 @@ def read_header(f: BinaryIO, size: int, path: str | Path) -> SafetensorsHeader:
         ) from None
     if not isinstance(header, dict):
         raise _fail(path, f"not a safetensors file: its header is not a JSON object{hint}")
+    return n, raw, header
 
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise _fail(path, "safetensors __metadata__ must map strings to strings")
 
-    data_bytes = size - 8 - n
-    tensors: dict[str, TensorEntry] = {}
-    for name, entry in header.items():
-        try:
-            code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-            begin, end = offsets
-            ok = (
-                isinstance(code, str)
-                and isinstance(shape, list)
-                and len(shape) <= _MAX_RANK
-                and all(_is_count(s) for s in shape)
-                and _is_count(begin)
-                and _is_count(end)
-                and begin <= end
-            )
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise _fail(path, f"tensor {name!r}: malformed header entry {_short(entry)}")
-        if code not in _DTYPES or _DTYPES[code][1] is None:
-            raise _fail(path, f"tensor {name!r}: unsupported dtype {_short(code)}")
-        itemsize, dtype = _DTYPES[code]
-        need = math.prod(shape) * itemsize
-        if end - begin != need:
-            raise _fail(
-                path,
-                f"tensor {name!r}: header says shape {list(shape)} {code} ({need} bytes) but "
-                f"its data span {end - begin} bytes — header edited or file corrupt",
-            )
-        tensors[name] = TensorEntry(name, dtype, tuple(shape), begin, end)
+def _entry(name: str, entry: Any, path: str | Path) -> TensorEntry:
+    """One tensor's header entry, checked: dtype known, shape and span consistent."""
+    try:
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        begin, end = offsets
+        ok = (
+            isinstance(code, str)
+            and isinstance(shape, list)
+            and len(shape) <= _MAX_RANK
+            and all(_is_count(s) for s in shape)
+            and _is_count(begin)
+            and _is_count(end)
+            and begin <= end
+        )
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise _fail(path, f"tensor {name!r}: malformed header entry {_short(entry)}")
+    if code not in _DTYPES or _DTYPES[code][1] is None:
+        raise _fail(path, f"tensor {name!r}: unsupported dtype {_short(code)}")
+    itemsize, dtype = _DTYPES[code]
+    need = math.prod(shape) * itemsize
+    if end - begin != need:
+        raise _fail(
+            path,
+            f"tensor {name!r}: header says shape {list(shape)} {code} ({need} bytes) but "
+            f"its data span {end - begin} bytes — header edited or file corrupt",
+        )
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
 
-    # The tensors must tile the data section: sorted by offset, each starts where the
-    # previous one ended (safetensors itself refuses gaps; an overlap would alias two tensors).
+
+def _check_data_layout(tensors: dict[str, TensorEntry], data_bytes: int, path: str | Path) -> None:
+    """The tensors must tile the data section exactly, and it must be of a loadable size.
+
+    Sorted by offset, each starts where the previous one ended (safetensors itself refuses
+    gaps; an overlap would alias two tensors).
+    """
     expected_end = 0
     previous = None
     for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
@@ -240,7 +254,6 @@ def read_header(f: BinaryIO, size: int, path: str | Path) -> SafetensorsHeader:
             f"holds {data_bytes} bytes of tensor data, more than this package loads "
             f"({MAX_DATA_BYTES})",
         )
-    return SafetensorsHeader(n, data_bytes, tensors, metadata, raw)
 
 
 def read_tensors(
