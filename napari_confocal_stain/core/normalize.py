@@ -149,38 +149,11 @@ def normalization_stats(
 
     stats: dict[str, Any] = {"mode": mode}
     if mode == "dtype":
-        r_lo, r_hi = dtype_range(r_dtype)
-        f_lo, f_hi = dtype_range(f_dt)
+        (r_lo, r_hi), (f_lo, f_hi) = dtype_range(r_dtype), dtype_range(f_dt)
     else:
-        rv = _finite_values(r)
-        fv = _finite_values(f)
+        (r_lo, r_hi), (f_lo, f_hi) = _data_ranges(r, f, mode, (p_lo, p_hi))
         if mode == "percentile":
-            r_lo, r_hi = _percentiles(rv, (p_lo, p_hi))
-            f_lo, f_hi = _percentiles(fv, (p_lo, p_hi))
-            # Sparse signal (e.g. few nuclei on a dark field) can put both percentiles on
-            # the background value; min/max still carries the contrast then.
-            if r_hi <= r_lo:
-                r_lo, r_hi = _min_max(rv)
-            if f_hi <= f_lo:
-                f_lo, f_hi = _min_max(fv)
             stats["percentiles"] = [p_lo, p_hi]
-        elif mode == "independent":
-            r_lo, r_hi = _min_max(rv)
-            f_lo, f_hi = _min_max(fv)
-        elif mode == "global":
-            (r_min, r_max), (f_min, f_max) = _min_max(rv), _min_max(fv)
-            # The smaller minimum: the thesis code takes the larger one (a known bug).
-            r_lo = f_lo = min(r_min, f_min)
-            r_hi = f_hi = max(r_max, f_max)
-        else:  # average
-            ra, fa = np.asarray(r), np.asarray(f)
-            if ra.shape != fa.shape:
-                raise ValueError(
-                    f"average normalization needs R and F of one shape, got {ra.shape} "
-                    f"and {fa.shape}"
-                )
-            avg = _finite_values((ra.astype(np.float64) + fa.astype(np.float64)) / 2.0)
-            r_lo, r_hi = f_lo, f_hi = _min_max(avg)
 
     constant = {"r": not r_hi > r_lo, "f": not f_hi > f_lo}
     if constant["r"]:
@@ -191,6 +164,37 @@ def normalization_stats(
     stats["f"] = {"low": f_lo, "high": f_hi}
     stats["constant"] = constant
     return stats
+
+
+def _data_ranges(
+    r: Any, f: Any, mode: str, percentiles: tuple[float, float]
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(low, high)`` of R and of F from the data, for every mode but ``dtype``."""
+    rv, fv = _finite_values(r), _finite_values(f)
+    if mode == "percentile":
+        r_lo, r_hi = _percentiles(rv, percentiles)
+        f_lo, f_hi = _percentiles(fv, percentiles)
+        # Sparse signal (e.g. few nuclei on a dark field) can put both percentiles on
+        # the background value; min/max still carries the contrast then.
+        if r_hi <= r_lo:
+            r_lo, r_hi = _min_max(rv)
+        if f_hi <= f_lo:
+            f_lo, f_hi = _min_max(fv)
+        return (r_lo, r_hi), (f_lo, f_hi)
+    if mode == "independent":
+        return _min_max(rv), _min_max(fv)
+    if mode == "global":
+        (r_min, r_max), (f_min, f_max) = _min_max(rv), _min_max(fv)
+        # The smaller minimum: the thesis code takes the larger one (a known bug).
+        both = (min(r_min, f_min), max(r_max, f_max))
+        return both, both
+    ra, fa = np.asarray(r), np.asarray(f)  # average
+    if ra.shape != fa.shape:
+        raise ValueError(
+            f"average normalization needs R and F of one shape, got {ra.shape} and {fa.shape}"
+        )
+    avg = _min_max(_finite_values((ra.astype(np.float64) + fa.astype(np.float64)) / 2.0))
+    return avg, avg
 
 
 def _affine_clip_block(block: np.ndarray, low: float, scale: float) -> np.ndarray:

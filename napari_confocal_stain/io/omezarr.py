@@ -325,47 +325,11 @@ def _image_of(path: str, node: Any) -> ZarrImage:
     datasets = ms.get("datasets") or []
     if not datasets:
         raise MosaicError(path, "has OME-NGFF multiscales without datasets")
-    arrays = []
-    for ds in datasets:
-        if not isinstance(ds, dict) or "path" not in ds:
-            raise _BadMetadata(f"a dataset has no 'path': {ds!r}")
-        try:
-            arr = group[str(ds["path"])]
-        except (KeyError, TypeError) as exc:
-            raise MosaicError(path, _dataset_problem(path, group, ds["path"])) from exc
-        if not isinstance(arr, zarr.Array):
-            raise MosaicError(path, f"lists the dataset {ds['path']!r}, which is not an array")
-        arrays.append(arr)
+    arrays = [_dataset_array(path, group, ds) for ds in datasets]
     ndim = len(arrays[0].shape)
     names, units, types = _axes_of(ms, ndim)
-    if len(names) != ndim:
-        raise MosaicError(path, f"lists {len(names)} axes for {ndim}-D arrays")
-    space = [
-        i for i, (n, t) in enumerate(zip(names, types, strict=True)) if t == "space" or n in "zyx"
-    ]
-    if "y" in names and "x" in names:
-        y_axis, x_axis = names.index("y"), names.index("x")
-    elif len(space) >= 2:
-        y_axis, x_axis = space[-2], space[-1]
-    else:
-        raise MosaicError(path, f"has no two spatial axes (axes {names})")
-    c_axis = next(
-        (
-            i
-            for i, (n, t) in enumerate(zip(names, types, strict=True))
-            if t == "channel" or n == "c"
-        ),
-        None,
-    )
-    shape0 = tuple(int(n) for n in arrays[0].shape)
-    others = [i for i in range(ndim) if i not in (y_axis, x_axis, c_axis) and shape0[i] > 1]
-    if others:
-        dims = ", ".join(f"{names[i]}={shape0[i]}" for i in others)
-        raise MosaicError(
-            path, f"has extra non-spatial dimensions ({dims}); expected a 2-D image with channels"
-        )
-    n = shape0[c_axis] if c_axis is not None else 1
-
+    y_axis, x_axis, c_axis = _image_axes(path, names, types, tuple(arrays[0].shape))
+    n = int(arrays[0].shape[c_axis]) if c_axis is not None else 1
     levels: list[list[ZarrPlane]] = []
     previous = None
     for arr in arrays:
@@ -374,35 +338,12 @@ def _image_of(path: str, node: Any) -> ZarrImage:
             break
         if c_axis is not None and int(arr.shape[c_axis]) != n:
             break
-        levels.append(
-            [
-                ZarrPlane(
-                    arr, y_axis, x_axis, {} if c_axis is None else {c_axis: c}, path, len(levels)
-                )
-                for c in range(n)
-            ]
-        )
+        channel = [{} if c_axis is None else {c_axis: c} for c in range(n)]
+        levels.append([ZarrPlane(arr, y_axis, x_axis, ch, path, len(levels)) for ch in channel])
         previous = shape
-
     scale = _scale_of(datasets[0].get("coordinateTransformations"), ndim)
     global_scale = _scale_of(ms.get("coordinateTransformations"), ndim)
-    sx = scale[x_axis] * global_scale[x_axis]
-    unit = units[x_axis]
-    pixel_size: float | None = None
-    if unit is None:
-        if sx != 1.0 and _plausible(sx):
-            pixel_size, pixel_source = sx, "NGFF scale (no unit given: taken as µm)"
-        else:
-            pixel_source = "NGFF scale has no unit"
-    else:
-        factor = unit_to_um(unit)
-        if factor is None:
-            pixel_source = f"NGFF axis unit {unit!r} unknown"
-        elif _plausible(sx * factor):
-            pixel_size, pixel_source = sx * factor, "NGFF coordinateTransformations scale"
-        else:
-            pixel_source = f"NGFF scale {sx} {unit} ignored (implausible)"
-
+    pixel_size, pixel_source = _pixel_size(scale[x_axis] * global_scale[x_axis], units[x_axis])
     labels: list[str | None] = [None] * n
     omero = ome.get("omero") or dict(group.attrs).get("omero")
     if isinstance(omero, dict):
@@ -420,3 +361,55 @@ def _image_of(path: str, node: Any) -> ZarrImage:
         version=version,
         extra={"group": str(group.path or "")},
     )
+
+
+def _dataset_array(path: str, group: Any, ds: Any) -> Any:
+    """The zarr array a multiscales dataset entry names."""
+    if not isinstance(ds, dict) or "path" not in ds:
+        raise _BadMetadata(f"a dataset has no 'path': {ds!r}")
+    try:
+        arr = group[str(ds["path"])]
+    except (KeyError, TypeError) as exc:
+        raise MosaicError(path, _dataset_problem(path, group, ds["path"])) from exc
+    if not isinstance(arr, zarr.Array):
+        raise MosaicError(path, f"lists the dataset {ds['path']!r}, which is not an array")
+    return arr
+
+
+def _image_axes(
+    path: str, names: list[str], types: list[str | None], shape0: tuple[int, ...]
+) -> tuple[int, int, int | None]:
+    """Indices of the y, x and channel (or None) axes; other axes must have length 1."""
+    ndim = len(shape0)
+    if len(names) != ndim:
+        raise MosaicError(path, f"lists {len(names)} axes for {ndim}-D arrays")
+    pairs = list(zip(names, types, strict=True))
+    space = [i for i, (n, t) in enumerate(pairs) if t == "space" or n in "zyx"]
+    if "y" in names and "x" in names:
+        y_axis, x_axis = names.index("y"), names.index("x")
+    elif len(space) >= 2:
+        y_axis, x_axis = space[-2], space[-1]
+    else:
+        raise MosaicError(path, f"has no two spatial axes (axes {names})")
+    c_axis = next((i for i, (n, t) in enumerate(pairs) if t == "channel" or n == "c"), None)
+    others = [i for i in range(ndim) if i not in (y_axis, x_axis, c_axis) and shape0[i] > 1]
+    if others:
+        dims = ", ".join(f"{names[i]}={shape0[i]}" for i in others)
+        raise MosaicError(
+            path, f"has extra non-spatial dimensions ({dims}); expected a 2-D image with channels"
+        )
+    return y_axis, x_axis, c_axis
+
+
+def _pixel_size(sx: float, unit: str | None) -> tuple[float | None, str]:
+    """Pixel size in µm from an NGFF x scale and its axis unit, and where it came from."""
+    if unit is None:
+        if sx != 1.0 and _plausible(sx):
+            return sx, "NGFF scale (no unit given: taken as µm)"
+        return None, "NGFF scale has no unit"
+    factor = unit_to_um(unit)
+    if factor is None:
+        return None, f"NGFF axis unit {unit!r} unknown"
+    if _plausible(sx * factor):
+        return sx * factor, "NGFF coordinateTransformations scale"
+    return None, f"NGFF scale {sx} {unit} ignored (implausible)"

@@ -339,25 +339,7 @@ def _assemble(
     metadata: dict[str, Any],
 ) -> ConfocalMosaic:
     r_dtype, f_dtype = np.dtype(r_planes[0].dtype), np.dtype(f_planes[0].dtype)
-    _check_dtype(r_dtype, r_file)
-    _check_dtype(f_dtype, f_file)
-    if r_planes[0].shape != f_planes[0].shape:
-        (rh, rw), (fh, fw) = r_planes[0].shape, f_planes[0].shape
-        raise MosaicError(
-            source,
-            f"R and F differ in size: R is {rh}x{rw} px ({r_file}), F is {fh}x{fw} px "
-            f"({f_file}); they must be the same size",
-        )
-    # Use the stored levels both modes have (same shapes); build the rest.
-    n_common = 0
-    for rp, fp in zip(r_planes, f_planes, strict=False):
-        if rp.shape != fp.shape:
-            break
-        n_common += 1
-    r_planes, f_planes = r_planes[:n_common], f_planes[:n_common]
-    _check_sizes(r_planes, r_file)
-    _check_sizes(f_planes, f_file)
-    r_planes, f_planes = _checked(r_planes, r_file, "R"), _checked(f_planes, f_file, "F")
+    r_planes, f_planes = _common_levels(r_planes, f_planes, r_file, f_file, source)
 
     r_s, f_s, k, desc = _stats_sample(r_planes, f_planes)
     stats = normalization_stats(r_s, f_s, normalization, dtype=r_dtype, f_dtype=f_dtype)
@@ -377,15 +359,7 @@ def _assemble(
     r_levels, n_stored = extend_pyramid(r_norm)
     f_levels, _ = extend_pyramid(f_norm)
 
-    if pixel_size_um is not None:
-        size, size_source = float(pixel_size_um), "argument"
-    elif file_pixel_size is not None:
-        size, size_source = float(file_pixel_size), metadata.pop("pixel_size_source", "file")
-    else:
-        size = DEFAULT_PIXEL_SIZE_UM
-        why = metadata.pop("pixel_size_source", "none in file")
-        size_source = f"default {DEFAULT_PIXEL_SIZE_UM} µm ({why})"
-    metadata.pop("pixel_size_source", None)
+    size, size_source = _pixel_size(pixel_size_um, file_pixel_size, metadata)
     meta = {
         **metadata,
         "levels_from_file": n_stored > 1,
@@ -410,6 +384,45 @@ def _assemble(
         r_raw=list(r_planes[:n_stored]),
         f_raw=list(f_planes[:n_stored]),
     )
+
+
+def _common_levels(
+    r_planes: list[Any], f_planes: list[Any], r_file: str, f_file: str, source: str
+) -> tuple[list[Any], list[Any]]:
+    """The stored levels both modes have (same shapes), checked and wrapped for reading.
+
+    Levels past the first that differ are left out: the pyramid builds them instead.
+    """
+    _check_dtype(np.dtype(r_planes[0].dtype), r_file)
+    _check_dtype(np.dtype(f_planes[0].dtype), f_file)
+    if r_planes[0].shape != f_planes[0].shape:
+        (rh, rw), (fh, fw) = r_planes[0].shape, f_planes[0].shape
+        raise MosaicError(
+            source,
+            f"R and F differ in size: R is {rh}x{rw} px ({r_file}), F is {fh}x{fw} px "
+            f"({f_file}); they must be the same size",
+        )
+    n_common = 0
+    for rp, fp in zip(r_planes, f_planes, strict=False):
+        if rp.shape != fp.shape:
+            break
+        n_common += 1
+    r_planes, f_planes = r_planes[:n_common], f_planes[:n_common]
+    _check_sizes(r_planes, r_file)
+    _check_sizes(f_planes, f_file)
+    return _checked(r_planes, r_file, "R"), _checked(f_planes, f_file, "F")
+
+
+def _pixel_size(
+    pixel_size_um: float | None, file_pixel_size: float | None, metadata: dict[str, Any]
+) -> tuple[float, str]:
+    """The pixel size to use and where it came from (pops ``pixel_size_source``)."""
+    found = metadata.pop("pixel_size_source", None)
+    if pixel_size_um is not None:
+        return float(pixel_size_um), "argument"
+    if file_pixel_size is not None:
+        return float(file_pixel_size), found or "file"
+    return DEFAULT_PIXEL_SIZE_UM, f"default {DEFAULT_PIXEL_SIZE_UM} µm ({found or 'none in file'})"
 
 
 def _image_meta(img: Any) -> dict[str, Any]:

@@ -1153,14 +1153,9 @@ def write_synthetic_mosaic(
     libvips' ``pyramid=True`` lays them out), deflate-compressed, with 0.75 um/px in the
     resolution tags (per level), plus ``out/mosaic.json`` with the generator parameters.
 
-    Strips of 256 rows are rendered by numpy (a small thread pool) and streamed as PNG
-    (uncompressed deflate blocks) through ``pyvips.SourceCustom`` into libvips
-    ``tiffsave``, one sequential writer per channel and pyramid level; the lower levels are
-    reduced from the strips as they pass and their tiles are appended to the level-0 file
-    at the end. Peak memory therefore depends on the slide's width, not its area (libvips'
-    own pyramid writer keeps the compressed lower levels in memory). Everything is written
-    into a temporary sibling folder that is renamed to ``out`` at the end; on any error (or
-    an exception raised by ``progress``) it is removed.
+    Peak memory depends on the slide's width, not its area (see :func:`_write_into`).
+    Everything is written into a temporary sibling folder that is renamed to ``out`` at the
+    end; on any error (or an exception raised by ``progress``) it is removed.
 
     Parameters
     ----------
@@ -1347,6 +1342,10 @@ def _write_into(
     folder: Path, spec: _WriteSpec, progress: Callable[[int, int], None] | None
 ) -> None:
     """Stream both channels, every pyramid level through its own libvips writer.
+
+    Strips of 256 rows are rendered by numpy (a small thread pool) and streamed as PNG
+    (uncompressed deflate blocks) through ``pyvips.SourceCustom`` into libvips
+    ``tiffsave``, one sequential writer per channel and pyramid level.
 
     libvips' own ``pyramid=True`` keeps the compressed lower levels in memory until the end
     (measured: anonymous RSS grows by ~1/3 of the compressed output), so it cannot write

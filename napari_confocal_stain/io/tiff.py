@@ -859,23 +859,7 @@ def open_tiff(path: str | Path) -> TiffImage:
         stack, or of an unsupported layout.
     """
     path = str(path)
-    size = check_file(path)
-    if size == 0:
-        raise MosaicError(path, "is empty (0 bytes)")
-    head = read_head(path, 8)
-    if head[:4] not in TIFF_MAGIC:
-        raise MosaicError(path, f"is not a TIFF file (it starts with {head!r})")
-    problem = tiff_structure_problem(path, size)
-    if problem is not None:
-        raise MosaicError(path, problem)
-    try:
-        tif = tifffile.TiffFile(path)
-    except OSError as exc:
-        raise MosaicError(path, os_problem(exc)) from exc
-    except Exception as exc:
-        raise MosaicError(
-            path, f"cannot be read as a TIFF file ({type(exc).__name__}: {exc}); corrupt?"
-        ) from exc
+    size, tif = _open_checked(path)
     source = _TiffSource(path)
     source.set_tiff(tif)
     try:
@@ -897,48 +881,8 @@ def open_tiff(path: str | Path) -> TiffImage:
                 f"has an unsupported sample format ({kf0.bitspersample} bits per sample, "
                 f"SampleFormat {int(kf0.sampleformat)})",
             )
-        dtype = np.dtype(kf0.dtype)
         layout = _channel_layout(level0, path)
-        shape0 = (int(kf0.imagelength), int(kf0.imagewidth))
-
-        candidates = [(si, li, level) for li, level in enumerate(series.levels)]
-        if len(candidates) == 1:
-            # Some writers (tifffile "shaped" files with SubIFDs per channel page) leave
-            # the reduced levels as separate series: take those that fit, largest first.
-            others = [(sj, 0, s.levels[0]) for sj, s in enumerate(series_list) if sj != si]
-            others.sort(key=lambda t: -sizes[t[0]])
-            candidates += others
-        levels: list[list[TiffPlane]] = []
-        previous = (shape0[0] + 1, shape0[1] + 1)
-        for n, (sj, li, level) in enumerate(candidates):
-            kf = level.keyframe
-            shape = (int(kf.imagelength), int(kf.imagewidth))
-            if n > 0:
-                if np.dtype(kf.dtype) != dtype or not _level_fits(shape, shape0, previous):
-                    if sj == si:
-                        break  # not a reduced copy of level 0: ignore it and what follows
-                    continue
-                try:
-                    lay = _channel_layout(level, path)
-                except MosaicError:
-                    lay = []
-                if len(lay) != len(layout):
-                    if sj == si:
-                        break
-                    continue
-            else:
-                lay = layout
-            planes = []
-            for page_index, sample_plane, sample_contig in lay:
-                spec = _plane_spec(level, page_index, sample_plane, sample_contig, (sj, li))
-                spec.level = len(levels)
-                _check_extent(spec, size, path)
-                page = level.pages[page_index]
-                keyframe = page.keyframe if page.keyframe is not None else level.keyframe
-                planes.append(TiffPlane(source, spec, keyframe))
-            levels.append(planes)
-            previous = shape
-
+        levels = _level_planes(source, series_list, si, sizes, layout, size)
         n_channels = len(layout)
         ome = _ome_pixels(tif, si)
         names: list[str | None] = [None] * n_channels
@@ -954,7 +898,7 @@ def open_tiff(path: str | Path) -> TiffImage:
             path=path,
             levels=levels,
             channel_names=names,
-            dtype=dtype,
+            dtype=np.dtype(kf0.dtype),
             pixel_size_um=pixel_size,
             pixel_size_source=pixel_source,
             axes=str(series.axes),
@@ -971,3 +915,80 @@ def open_tiff(path: str | Path) -> TiffImage:
         raise MosaicError(
             path, f"cannot be read as an image ({type(exc).__name__}: {exc}); corrupt?"
         ) from exc
+
+
+def _open_checked(path: str) -> tuple[int, tifffile.TiffFile]:
+    """The file's size and its open TiffFile, after the cheap checks (magic, structure)."""
+    size = check_file(path)
+    if size == 0:
+        raise MosaicError(path, "is empty (0 bytes)")
+    head = read_head(path, 8)
+    if head[:4] not in TIFF_MAGIC:
+        raise MosaicError(path, f"is not a TIFF file (it starts with {head!r})")
+    problem = tiff_structure_problem(path, size)
+    if problem is not None:
+        raise MosaicError(path, problem)
+    try:
+        return size, tifffile.TiffFile(path)
+    except OSError as exc:
+        raise MosaicError(path, os_problem(exc)) from exc
+    except Exception as exc:
+        raise MosaicError(
+            path, f"cannot be read as a TIFF file ({type(exc).__name__}: {exc}); corrupt?"
+        ) from exc
+
+
+def _level_planes(
+    source: _TiffSource,
+    series_list: list,
+    si: int,
+    sizes: list[int],
+    layout: list,
+    size: int,
+) -> list[list[TiffPlane]]:
+    """Planes of every pyramid level of series ``si``: its own levels, else fitting series.
+
+    A level must be a reduced copy of level 0 (same dtype and channel layout, each smaller
+    than the one before); the first of the series' own levels that is not ends the pyramid.
+    """
+    path = source.path
+    series = series_list[si]
+    level0 = series.levels[0]
+    kf0 = level0.keyframe
+    dtype = np.dtype(kf0.dtype)
+    shape0 = (int(kf0.imagelength), int(kf0.imagewidth))
+    candidates = [(si, li, level) for li, level in enumerate(series.levels)]
+    if len(candidates) == 1:
+        # Some writers (tifffile "shaped" files with SubIFDs per channel page) leave
+        # the reduced levels as separate series: take those that fit, largest first.
+        others = [(sj, 0, s.levels[0]) for sj, s in enumerate(series_list) if sj != si]
+        others.sort(key=lambda t: -sizes[t[0]])
+        candidates += others
+    levels: list[list[TiffPlane]] = []
+    previous = (shape0[0] + 1, shape0[1] + 1)
+    for n, (sj, li, level) in enumerate(candidates):
+        kf = level.keyframe
+        shape = (int(kf.imagelength), int(kf.imagewidth))
+        lay = layout
+        if n > 0:
+            fits = np.dtype(kf.dtype) == dtype and _level_fits(shape, shape0, previous)
+            if fits:
+                try:
+                    lay = _channel_layout(level, path)
+                except MosaicError:
+                    lay = []
+            if not fits or len(lay) != len(layout):
+                if sj == si:
+                    break  # not a reduced copy of level 0: ignore it and what follows
+                continue
+        planes = []
+        for page_index, sample_plane, sample_contig in lay:
+            spec = _plane_spec(level, page_index, sample_plane, sample_contig, (sj, li))
+            spec.level = len(levels)
+            _check_extent(spec, size, path)
+            page = level.pages[page_index]
+            keyframe = page.keyframe if page.keyframe is not None else level.keyframe
+            planes.append(TiffPlane(source, spec, keyframe))
+        levels.append(planes)
+        previous = shape
+    return levels
