@@ -216,7 +216,7 @@ def worker_thread_init(background: bool = True) -> None:
     * Flush denormals to zero. x86's flush-to-zero / denormals-are-zero flags live in each
       thread's MXCSR register. A new thread starts without them, and a generator's
       activations contain denormal floats that make every multiply that touches them many
-      times slower: measured here, a U-Net tile took 4× longer in a fresh worker thread than
+      times slower: a U-Net tile took 4× longer in a fresh worker thread than
       in napari's main thread (where a loaded library had set the flags). Outputs in [0, 1]
       stored as uint8 are unaffected.
     * With ``background`` (Linux only), lower this thread's scheduling priority by

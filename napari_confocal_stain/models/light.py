@@ -1,4 +1,4 @@
-"""A light stain generator for interactive CPU viewing (issue 8).
+"""A light stain generator for interactive CPU viewing.
 
 In the shipped U-Net (base 32, three downsamplings) every level costs about the same (9–18
 kFLOP per pixel per convolution: channels double as pixels quarter), and the stages that read

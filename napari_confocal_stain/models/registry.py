@@ -251,7 +251,7 @@ for _spec, _canonical in [
             LightGenerator,
             {"channels": [8, 16, 32, 64], "n_blocks": 3, "input_skip": True, "head_kernel": 3},
             description="light U-Net: 3×3 stem/head, residual bottleneck, input skip "
-            "(≤ 1/4 of stain-unet's FLOPs; issue 8)",
+            "(≤ 1/4 of stain-unet's FLOPs)",
         ),
         True,
     ),
