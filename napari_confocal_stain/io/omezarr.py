@@ -19,6 +19,7 @@ import zarr
 
 from napari_confocal_stain.errors import MosaicError
 from napari_confocal_stain.io.paths import check_folder, is_file, os_problem
+from napari_confocal_stain.io.pyramid import StoredImage
 from napari_confocal_stain.io.tiff import unit_to_um
 
 __all__ = ["ZarrImage", "ZarrPlane", "is_zarr", "open_omezarr"]
@@ -134,46 +135,20 @@ class ZarrPlane:
 
 
 @dataclass
-class ZarrImage:
+class ZarrImage(StoredImage):
     """Metadata and lazy planes of an OME-Zarr image.
+
+    A :class:`~napari_confocal_stain.io.pyramid.StoredImage` whose ``axes`` are the axis
+    names in storage order (e.g. ``"cyx"``) and ``channel_names`` the ``omero`` labels, plus:
 
     Attributes
     ----------
-    path
-        The zarr directory.
-    levels
-        ``levels[k][c]``: channel ``c`` of level ``k`` (level 0 first).
-    channel_names
-        ``omero`` channel labels (or ``None`` each).
-    dtype
-        Data type.
-    pixel_size_um
-        From the x axis' scale (µm), or ``None``.
-    pixel_size_source
-        Where it came from or why it was not taken.
-    axes
-        Axis names in storage order, e.g. ``"cyx"``.
     version
         NGFF version string (``""`` for a bare array).
     """
 
-    path: str
-    levels: list[list[ZarrPlane]]
-    channel_names: list[str | None]
-    dtype: np.dtype
-    pixel_size_um: float | None
-    pixel_size_source: str
-    axes: str
-    version: str
+    version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_channels(self) -> int:
-        return len(self.levels[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.levels[0][0].shape
 
 
 def _axes_of(ms: dict[str, Any], ndim: int) -> tuple[list[str], list[str | None], list[str]]:

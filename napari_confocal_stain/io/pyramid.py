@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -25,6 +26,7 @@ __all__ = [
     "SAMPLE_DECODE_BUDGET",
     "STATS_MIN_PIXELS",
     "TARGET_CHUNK",
+    "StoredImage",
     "as_dask",
     "dask_chunks",
     "decoded_pixels",
@@ -33,6 +35,49 @@ __all__ = [
     "sample_blocks",
     "stats_level_index",
 ]
+
+
+@dataclass
+class StoredImage:
+    """What a reader of a file format returns: lazy planes per channel and pyramid level.
+
+    Attributes
+    ----------
+    path
+        The file (or zarr folder).
+    levels
+        ``levels[k][c]``: channel ``c`` of pyramid level ``k`` (level 0 first); each plane
+        has ``shape``, ``dtype`` and numpy slicing.
+    channel_names
+        One name (or ``None``) per channel, from the file's metadata.
+    dtype
+        Data type of the pixels.
+    pixel_size_um
+        Level-0 pixel size in µm from the file's metadata, or ``None``.
+    pixel_size_source
+        Where the pixel size came from, or why none was taken.
+    axes
+        The format's axes string, in storage order.
+    """
+
+    path: str
+    levels: list[list[Any]]
+    channel_names: list[str | None]
+    dtype: np.dtype
+    pixel_size_um: float | None
+    pixel_size_source: str
+    axes: str
+
+    @property
+    def n_channels(self) -> int:
+        """Channels per level."""
+        return len(self.levels[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)`` of level 0."""
+        return self.levels[0][0].shape
+
 
 TARGET_CHUNK = 1024
 """Dask chunk side (px) aimed at: small enough that a 1024² region read touches little

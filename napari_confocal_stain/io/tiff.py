@@ -42,6 +42,7 @@ import tifffile
 
 from napari_confocal_stain.errors import MosaicError
 from napari_confocal_stain.io.paths import check_file, os_problem, read_head
+from napari_confocal_stain.io.pyramid import StoredImage
 
 __all__ = [
     "TIFF_MAGIC",
@@ -530,25 +531,14 @@ class TiffPlane:
 
 
 @dataclass
-class TiffImage:
+class TiffImage(StoredImage):
     """Headers of a TIFF image: its channels, pyramid levels and physical pixel size.
+
+    A :class:`~napari_confocal_stain.io.pyramid.StoredImage` whose ``axes`` is tifffile's
+    axes string of the series (e.g. ``"CYX"``, ``"YXS"``), plus:
 
     Attributes
     ----------
-    path
-        The file.
-    levels
-        ``levels[k][c]``: channel ``c`` of pyramid level ``k`` (level 0 first).
-    channel_names
-        One name (or ``None``) per channel, from OME or other metadata.
-    dtype
-        Data type of the pixels (native byte order).
-    pixel_size_um
-        Level-0 pixel size in µm from the file's metadata, or ``None``.
-    pixel_size_source
-        Where the pixel size came from, or why none was taken.
-    axes
-        tifffile's axes string of the series (e.g. ``"CYX"``, ``"YXS"``).
     storage
         ``"tiled"``, ``"strips"`` or ``"contiguous"`` (level 0).
     compression
@@ -557,25 +547,10 @@ class TiffImage:
         Index of the tifffile series used.
     """
 
-    path: str
-    levels: list[list[TiffPlane]]
-    channel_names: list[str | None]
-    dtype: np.dtype
-    pixel_size_um: float | None
-    pixel_size_source: str
-    axes: str
-    storage: str
-    compression: str
+    storage: str = "tiled"
+    compression: str = "none"
     series_index: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_channels(self) -> int:
-        return len(self.levels[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.levels[0][0].shape
 
 
 def _plausible(um: float) -> bool:
