@@ -187,6 +187,28 @@ def test_refusals_and_overwrite(mosaic, synthetic_slide, tmp_path):
         export_slide(mosaic, tmp_path / "x.png", product="linear")
 
 
+def test_product_is_one_of_three_and_the_cli_refuses_contradictions(
+    mosaic, synthetic_slide, tmp_path, capsys
+):
+    """``product`` replaces method × what: an unknown one is refused, and so are CLI flags
+    that ask for two products at once; nothing is written either way."""
+    from napari_confocal_stain.cli import main
+
+    for bad in ("stain", "GAN", ""):
+        with pytest.raises(ValueError, match="product must be one of"):
+            export_slide(mosaic, tmp_path / "p.ome.zarr", product=bad)
+    for command in (
+        ["stain", str(synthetic_slide), "--out", str(tmp_path / "c.ome.tif")],
+        ["batch", str(synthetic_slide), "--out-dir", str(tmp_path / "outs")],
+    ):
+        for method in ("linear", "gan"):
+            argv = [*command, "--method", method, "--what", "despeckled-r", "--quiet"]
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "--what despeckled-r" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------ resume
 
 
