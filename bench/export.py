@@ -90,7 +90,7 @@ def bench_linear(slide: Path, work: Path) -> dict:
     peer_tif = work / "pyvips.tif"
     for p in (ours_tif, ours_zarr, peer_tif):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    cli = [sys.executable, "-m", "napari_confocal_stain.cli_export", "stain", str(slide),
+    cli = [sys.executable, "-m", "napari_confocal_stain.cli", "stain", str(slide),
            "--method", "linear", "--quiet"]  # fmt: skip
     peer = [sys.executable, "-c", PYVIPS_PEER, files["r"], files["f"], str(peer_tif),
             json.dumps({"r": stats["r"], "f": stats["f"]})]  # fmt: skip
@@ -153,7 +153,7 @@ def bench_gan(slide: Path, work: Path, region: str, tile: int) -> dict:
     out = work / "gan.ome.zarr"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    export_slide(m, out, settings=settings, method="gan", region=region, tile=tile)
+    export_slide(m, out, settings=settings, product="gan", region=region, tile=tile)
     t_export = time.perf_counter() - t0
     # A second raw run after the export: the median of the two brackets load drift.
     t0 = time.perf_counter()
@@ -192,7 +192,7 @@ def bench_kill(slide: Path, work: Path, region: str, tile: int, expected_s: floa
     logs = [work / "run1.log", work / "run2.log"]
     for log in logs:
         log.unlink(missing_ok=True)
-    cli = [sys.executable, "-m", "napari_confocal_stain.cli_export", "stain", str(slide),
+    cli = [sys.executable, "-m", "napari_confocal_stain.cli", "stain", str(slide),
            "--out", str(out), "--method", "gan", "--region", region, "--tile", str(tile),
            "--precision", precision, "--quiet"]  # fmt: skip
     env = dict(os.environ, NAPARI_CONFOCAL_STAIN_EXPORT_LOG=str(logs[0]))

@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     from napari_confocal_stain.io.sample import sample_slide_path
     from napari_confocal_stain.models.checkpoint import save_checkpoint
     from napari_confocal_stain.models.registry import build_model
+    from napari_confocal_stain.napari._linear_widget import LinearStainWidget
     from napari_confocal_stain.napari._live import LiveLayer, shared_cache
     from napari_confocal_stain.napari._reader import read_mosaic
-    from napari_confocal_stain.napari._widgets import LinearStainWidget
 
     print(f"$ {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {_load()}")

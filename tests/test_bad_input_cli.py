@@ -27,10 +27,10 @@ import zarr
 from _faults import leftovers, tmpfs, unprivileged
 
 from napari_confocal_stain.cli import main
-from napari_confocal_stain.cli_common import report_error
+from napari_confocal_stain.cli.common import report_error
 from napari_confocal_stain.errors import explain
 from napari_confocal_stain.export import export_slide
-from napari_confocal_stain.export.runner import TASK_LOG_ENV
+from napari_confocal_stain.export.tasks import TASK_LOG_ENV
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -163,7 +163,7 @@ def test_read_only_file_system(synthetic_slide, tmp_path, capsys):
 def test_full_disk_keeps_the_work_for_resume(synthetic_slide, tmp_path, capsys, fmt, size):
     """The disk fills while chunks are written (zarr) or later (the larger TIFF disk)."""
     argv = [*LINEAR, "--tile", "256"]
-    reference = export_slide(synthetic_slide, tmp_path / f"ref.{fmt}", method="linear", tile=256)
+    reference = export_slide(synthetic_slide, tmp_path / f"ref.{fmt}", product="linear", tile=256)
     with tmpfs(tmp_path / "small", size) as disk:
         out = disk / f"x.{fmt}"
         work = disk / f".x.{fmt}.partial"

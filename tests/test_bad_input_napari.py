@@ -23,7 +23,7 @@ from napari_confocal_stain.errors import OutputError  # noqa: E402
 from napari_confocal_stain.models.checkpoint import save_checkpoint  # noqa: E402
 from napari_confocal_stain.models.registry import build_model  # noqa: E402
 from napari_confocal_stain.napari._live import live_layers  # noqa: E402
-from napari_confocal_stain.napari._widgets import ConfocalStainWidget  # noqa: E402
+from napari_confocal_stain.napari._panel import ConfocalStainWidget  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -23,14 +23,14 @@ from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings, 
 from napari_confocal_stain.errors import MosaicError
 from napari_confocal_stain.export import ExportCancelled, export_slide, parse_region
 from napari_confocal_stain.export.plan import ExportPlan, level_shapes
-from napari_confocal_stain.export.runner import TASK_LOG_ENV
 from napari_confocal_stain.export.store import downsample2
+from napari_confocal_stain.export.tasks import TASK_LOG_ENV
 
 # A small, fast GAN configuration: statistics tile 64 (a multiple of the U-Net's size
 # multiple), 128-px chunks grown by 32 px, fp32 pinned (no bf16 timing calibration).
 GAN = StainSettings(tile=64, precision="fp32")
 GAN_REGION = "128:512,256:768"  # 384 x 512: 3 x 4 chunks of 128
-GAN_KW = {"settings": GAN, "method": "gan", "region": GAN_REGION, "tile": 128, "context": 32}
+GAN_KW = {"settings": GAN, "product": "gan", "region": GAN_REGION, "tile": 128, "context": 32}
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -76,7 +76,7 @@ def test_parse_region_and_levels():
 
 def test_linear_ome_zarr_read_back(mosaic, synthetic_slide, tmp_path):
     before = _snapshot(synthetic_slide)
-    out = export_slide(mosaic, tmp_path / "lin.ome.zarr", method="linear", tile=256)
+    out = export_slide(mosaic, tmp_path / "lin.ome.zarr", product="linear", tile=256)
     assert _snapshot(synthetic_slide) == before  # the input is never written to
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lin.ome.zarr"]  # no leftovers
 
@@ -117,7 +117,7 @@ def test_linear_ome_zarr_read_back(mosaic, synthetic_slide, tmp_path):
 
 
 def test_linear_ome_tiff_read_back(mosaic, tmp_path):
-    out = export_slide(mosaic, tmp_path / "lin.ome.tif", method="linear", tile=256)
+    out = export_slide(mosaic, tmp_path / "lin.ome.tif", product="linear", tile=256)
     h, w = mosaic.shape
     expected = to_uint8(StainPipeline(mosaic, StainSettings()).linear(0, (0, h, 0, w)))
     with tifffile.TiffFile(out) as tf:
@@ -145,7 +145,7 @@ def test_linear_ome_tiff_read_back(mosaic, tmp_path):
 
 def test_despeckled_r_region_and_cli(mosaic, synthetic_slide, tmp_path):
     """Grey despeckled R of a region through the CLI parser; exact (context-read) per chunk."""
-    from napari_confocal_stain.cli_export import add_parsers
+    from napari_confocal_stain.cli.export import add_parsers
 
     parser = argparse.ArgumentParser(prog="confocal-stain")
     add_parsers(parser.add_subparsers(dest="command", required=True))
@@ -173,18 +173,40 @@ def test_despeckled_r_region_and_cli(mosaic, synthetic_slide, tmp_path):
 
 def test_refusals_and_overwrite(mosaic, synthetic_slide, tmp_path):
     out = tmp_path / "x.ome.zarr"
-    export_slide(mosaic, out, method="linear", region="0:256,0:256", tile=128)
+    export_slide(mosaic, out, product="linear", region="0:256,0:256", tile=128)
     first = _zarr_level(out)
     with pytest.raises(MosaicError, match="already exists"):
-        export_slide(mosaic, out, method="linear", region="0:256,256:512", tile=128)
+        export_slide(mosaic, out, product="linear", region="0:256,256:512", tile=128)
     np.testing.assert_array_equal(_zarr_level(out), first)
-    export_slide(mosaic, out, method="linear", region="0:256,256:512", tile=128, overwrite=True)
+    export_slide(mosaic, out, product="linear", region="0:256,256:512", tile=128, overwrite=True)
     assert not np.array_equal(_zarr_level(out), first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.zarr"]
     with pytest.raises(MosaicError, match="never written"):
-        export_slide(mosaic, synthetic_slide / "stain.ome.zarr", method="linear")
+        export_slide(mosaic, synthetic_slide / "stain.ome.zarr", product="linear")
     with pytest.raises(MosaicError, match=r"\.ome\.zarr or \.ome\.tif"):
-        export_slide(mosaic, tmp_path / "x.png", method="linear")
+        export_slide(mosaic, tmp_path / "x.png", product="linear")
+
+
+def test_product_is_one_of_three_and_the_cli_refuses_contradictions(
+    mosaic, synthetic_slide, tmp_path, capsys
+):
+    """``product`` replaces method × what: an unknown one is refused, and so are CLI flags
+    that ask for two products at once; nothing is written either way."""
+    from napari_confocal_stain.cli import main
+
+    for bad in ("stain", "GAN", ""):
+        with pytest.raises(ValueError, match="product must be one of"):
+            export_slide(mosaic, tmp_path / "p.ome.zarr", product=bad)
+    for command in (
+        ["stain", str(synthetic_slide), "--out", str(tmp_path / "c.ome.tif")],
+        ["batch", str(synthetic_slide), "--out-dir", str(tmp_path / "outs")],
+    ):
+        for method in ("linear", "gan"):
+            argv = [*command, "--method", method, "--what", "despeckled-r", "--quiet"]
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "--what despeckled-r" in err[0], err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ resume
@@ -201,7 +223,7 @@ def test_resume_after_kill_is_identical(synthetic_slide, gan_reference, tmp_path
         from napari_confocal_stain.export import export_slide
         # slow the driver down after each chunk so the kill lands mid-run
         export_slide({str(synthetic_slide)!r}, {str(out)!r},
-                     settings=StainSettings(tile=64, precision="fp32"), method="gan",
+                     settings=StainSettings(tile=64, precision="fp32"), product="gan",
                      region={GAN_REGION!r}, tile=128, context=32,
                      progress=lambda d, t: time.sleep(0.1))
         """
@@ -273,7 +295,7 @@ def test_local_cluster_matches_threads(mosaic, gan_reference, tmp_path):
 
 
 def test_cli_batch(synthetic_slide, tmp_path, capsys):
-    from napari_confocal_stain.cli_export import main
+    from napari_confocal_stain.cli import main
 
     argv = ["batch", str(synthetic_slide), "--out-dir", str(tmp_path / "outs"), "--method",
             "linear", "--format", "ome.tif", "--tile", "512", "--quiet"]  # fmt: skip
@@ -338,7 +360,7 @@ def test_tissue_free_chunks_are_skipped(tmp_path):
         r=[lazy[0]], f=[lazy[1]], pixel_size_um=0.75, source=str(tmp_path / "in-memory"),
         layout="ome-zarr", name="patch", dtype="float32", normalization="dtype", files={},
     )  # fmt: skip
-    out = export_slide(mosaic, tmp_path / "lin.ome.zarr", method="linear", tile=256)
+    out = export_slide(mosaic, tmp_path / "lin.ome.zarr", product="linear", tile=256)
     files = sorted(str(p.relative_to(out / "0")) for p in (out / "0").rglob("*") if p.is_file())
     # 128-px storage chunks: only the two the tissue patch (rows 300-379, columns 320-399)
     # touches were written
@@ -347,7 +369,7 @@ def test_tissue_free_chunks_are_skipped(tmp_path):
     assert (level0[:, :256, :] == 255).all() and (level0[:, 400:, :] == 255).all()
 
     gan = tmp_path / "gan.ome.zarr"
-    export_slide(mosaic, gan, settings=GAN, method="gan", region="0:256,0:256", tile=128,
+    export_slide(mosaic, gan, settings=GAN, product="gan", region="0:256,0:256", tile=128,
                  context=32)  # fmt: skip
     img = _zarr_level(gan)
     assert (img == img[:, :1, :1]).all()  # one background colour, from the model's response

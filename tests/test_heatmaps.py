@@ -18,8 +18,8 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-from napari_confocal_stain import cli_metrics  # noqa: E402
-from napari_confocal_stain.cli_metrics import SlideMaps, flag_cells, measure_box  # noqa: E402
+from napari_confocal_stain.cli import main as cli_main  # noqa: E402
+from napari_confocal_stain.cli import metrics as metrics_cli  # noqa: E402
 from napari_confocal_stain.core.linear_stain import linear_stain  # noqa: E402
 from napari_confocal_stain.engine.pipeline import (  # noqa: E402
     StainPipeline,
@@ -28,6 +28,14 @@ from napari_confocal_stain.engine.pipeline import (  # noqa: E402
 )
 from napari_confocal_stain.io.readers import open_mosaic  # noqa: E402
 from napari_confocal_stain.io.synthetic import synth_nuclei  # noqa: E402
+from napari_confocal_stain.measure.slide import (  # noqa: E402
+    MAP_NAMES,
+    CellBlock,
+    SlideMaps,
+    flag_cells,
+    level_cell,
+    measure_box,
+)
 
 SIZE, SEED = (1024, 1536), 3  # the conftest's synthetic_slide
 CELL = 256
@@ -333,11 +341,11 @@ def test_slide_maps_keep_the_finest_level_and_flag_thresholds():
     nan = np.full((1, 1), np.nan)
 
     def block(level, origin, chi2, erased=()):
-        maps = {n: nan.copy() for n in cli_metrics.MAP_NAMES}
+        maps = {n: nan.copy() for n in MAP_NAMES}
         maps["lbp_chi2"] = np.full((1, 1), chi2)
         pts = {k: np.empty((0, 2)) for k in ("erased", "invented", "preserved")}
         pts["erased"] = np.array(erased, float).reshape(-1, 2)
-        return cli_metrics.CellBlock(level, origin, maps, pts)
+        return CellBlock(level, origin, maps, pts)
 
     slide.add(block(0, (1, 2), 0.5, [(600, 1100)]))
     slide.add(block(2, (1, 2), 0.0))  # coarser: ignored
@@ -347,9 +355,9 @@ def test_slide_maps_keep_the_finest_level_and_flag_thresholds():
     flagged = flag_cells({"lbp_chi2": np.array([[0.1, np.nan]]), "ssim": np.array([[1, 0.1]])})
     np.testing.assert_array_equal(flagged, [[True, True]])
     with pytest.raises(ValueError, match="minimum"):
-        cli_metrics.level_cell(128, 8)
+        level_cell(128, 8)
     with pytest.raises(ValueError, match="whole number"):
-        cli_metrics.level_cell(100, 8)
+        level_cell(100, 8)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -357,7 +365,7 @@ def test_slide_maps_keep_the_finest_level_and_flag_thresholds():
 
 def parser():
     p = argparse.ArgumentParser(prog="confocal-stain")
-    cli_metrics.add_parser(p.add_subparsers(dest="command", required=True))
+    metrics_cli.add_parsers(p.add_subparsers(dest="command", required=True))
     return p
 
 
@@ -369,7 +377,7 @@ def test_cli_metrics_csv_plot_and_errors(synthetic_slide, affine_checkpoint, tmp
          "--region", "0:1024,500:1536", "--csv", str(out / "cells.csv"),
          "--plot", str(out / "cells.png"), "--quiet"]
     )  # fmt: skip
-    assert args.func is cli_metrics.run
+    assert args.func is metrics_cli.run
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("lbp_chi2") == 2 and "independent" in printed and "seamless" in printed
@@ -388,8 +396,7 @@ def test_cli_metrics_csv_plot_and_errors(synthetic_slide, affine_checkpoint, tmp
     assert sorted(p.name for p in out.iterdir()) == ["cells.csv", "cells.png"]
 
     def fails(*extra):
-        a = parser().parse_args(["metrics", str(synthetic_slide), "--quiet", *extra])
-        code = a.func(a)
+        code = cli_main(["metrics", str(synthetic_slide), "--quiet", *extra])
         err = capsys.readouterr().err
         return code, err
 
@@ -409,5 +416,5 @@ def test_cli_metrics_csv_plot_and_errors(synthetic_slide, affine_checkpoint, tmp
     assert not (tmp_path / "no.csv").exists()
     code, err = fails("--model", "x")
     assert code == 2 and "x" in err
-    a = parser().parse_args(["metrics", str(tmp_path / "missing"), "--quiet"])
-    assert a.func(a) == 2 and "missing" in capsys.readouterr().err
+    assert cli_main(["metrics", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from napari_confocal_stain.inference import stain_region
 from napari_confocal_stain.models.checkpoint import save_checkpoint
 from napari_confocal_stain.models.registry import build_model
 from napari_confocal_stain.napari._live import live_layers, shared_cache
-from napari_confocal_stain.napari._widgets import ConfocalStainWidget
+from napari_confocal_stain.napari._panel import ConfocalStainWidget
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -286,7 +286,7 @@ def test_exported_ome_zarr_opens_in_napari_as_one_rgb_layer(
     from napari_confocal_stain.export import export_slide
     from napari_confocal_stain.io.readers import open_mosaic
 
-    out = export_slide(synthetic_slide, tmp_path / "stain.ome.zarr", method="linear")
+    out = export_slide(synthetic_slide, tmp_path / "stain.ome.zarr", product="linear")
     viewer = make_napari_viewer()
     layers = viewer.open(str(out), plugin="napari-confocal-stain")
     assert len(layers) == 1 and layers[0].rgb and layers[0].multiscale

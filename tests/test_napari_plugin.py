@@ -13,12 +13,10 @@ import pytest
 napari = pytest.importorskip("napari")
 
 from napari_confocal_stain.napari._layers import META_KEY  # noqa: E402
+from napari_confocal_stain.napari._linear_widget import LinearStainWidget  # noqa: E402
+from napari_confocal_stain.napari._panel import ConfocalStainWidget  # noqa: E402
 from napari_confocal_stain.napari._reader import get_reader  # noqa: E402
-from napari_confocal_stain.napari._widgets import (  # noqa: E402
-    ConfocalStainWidget,
-    LinearStainWidget,
-    slide_layers,
-)
+from napari_confocal_stain.napari._viewer_state import slide_layers  # noqa: E402
 
 PLUGIN = "napari-confocal-stain"
 

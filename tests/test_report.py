@@ -10,7 +10,7 @@ import pytest
 from skimage.io import imread
 
 from napari_confocal_stain.core.metrics import hallucination_maps
-from napari_confocal_stain.core.report import (
+from napari_confocal_stain.measure.report import (
     STATISTICS,
     cells_to_csv,
     format_summary,

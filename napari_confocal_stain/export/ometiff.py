@@ -107,52 +107,69 @@ def write_ome_tiff(
         raise ValueError(
             f"compression must be one of {sorted(TIFF_COMPRESSIONS)}, got {compression!r}"
         )
-    codec, args = TIFF_COMPRESSIONS[compression]
     c = int(levels[0].channels)
-    photometric = "rgb" if c == 3 else "minisblack"
-    px = float(pixel_size_um)
+    common = _common_options(compression, c, tile, workers)
+    path = Path(path)
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        for k, level in enumerate(levels):
+            shape = (level.height, level.width, c) if c > 1 else (level.height, level.width)
+            tif.write(
+                _level_tiles(level, tile, compression, progress),
+                shape=shape,
+                **common,
+                **_level_options(k, len(levels), float(pixel_size_um), c, name),
+            )
+    return path
 
-    def tiles(level: Any) -> Iterator[Any]:
-        raw = (
-            getattr(level, "layout", None) == "yxc"
-            and level.codec == _STORE_CODEC.get(compression)
-            and level.chunk == tile
-        )
-        for t in _encoded_tiles(level, compression) if raw else _tiles(level, tile):
-            yield t
-            if progress is not None:
-                progress(tile * tile)
 
+def _common_options(compression: str, channels: int, tile: int, workers: int) -> dict[str, Any]:
+    """``TiffWriter.write`` options shared by every level."""
+    codec, args = TIFF_COMPRESSIONS[compression]
     common: dict[str, Any] = {
         "dtype": np.uint8,
         "tile": (tile, tile),
-        "photometric": photometric,
+        "photometric": "rgb" if channels == 3 else "minisblack",
         "compression": codec,
         "compressionargs": args,
         "resolutionunit": "CENTIMETER",
         "maxworkers": workers,
     }
-    if c == 3:
+    if channels == 3:
         common["planarconfig"] = "contig"
-    path = Path(path)
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        for k, arr in enumerate(levels):
-            h, w = arr.height, arr.width
-            shape = (h, w, c) if c > 1 else (h, w)
-            res = 1e4 / (px * 2**k)  # pixels per cm
-            extra: dict[str, Any] = {"resolution": (res, res)}
-            if k == 0:
-                extra["subifds"] = len(levels) - 1
-                extra["metadata"] = {
-                    "axes": "YXS" if c > 1 else "YX",
-                    "Name": name,
-                    "PhysicalSizeX": px,
-                    "PhysicalSizeXUnit": "µm",
-                    "PhysicalSizeY": px,
-                    "PhysicalSizeYUnit": "µm",
-                }
-            else:
-                extra["subfiletype"] = 1
-                extra["metadata"] = None
-            tif.write(tiles(arr), shape=shape, **common, **extra)
-    return path
+    return common
+
+
+def _level_options(k: int, n_levels: int, px: float, channels: int, name: str) -> dict[str, Any]:
+    """Level ``k``'s own options: level 0 is the page with OME-XML, the others its SubIFDs."""
+    res = 1e4 / (px * 2**k)  # pixels per cm
+    extra: dict[str, Any] = {"resolution": (res, res)}
+    if k == 0:
+        extra["subifds"] = n_levels - 1
+        extra["metadata"] = {
+            "axes": "YXS" if channels > 1 else "YX",
+            "Name": name,
+            "PhysicalSizeX": px,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": px,
+            "PhysicalSizeYUnit": "µm",
+        }
+    else:
+        extra["subfiletype"] = 1
+        extra["metadata"] = None
+    return extra
+
+
+def _level_tiles(
+    level: Any, tile: int, compression: str, progress: Callable[[int], None] | None
+) -> Iterator[Any]:
+    """A level's tiles in row-major order: the store's encoded chunk files when they are
+    already the TIFF's tiles (same layout, codec and side), else pixels to encode."""
+    raw = (
+        getattr(level, "layout", None) == "yxc"
+        and level.codec == _STORE_CODEC.get(compression)
+        and level.chunk == tile
+    )
+    for t in _encoded_tiles(level, compression) if raw else _tiles(level, tile):
+        yield t
+        if progress is not None:
+            progress(tile * tile)

@@ -35,7 +35,7 @@ storage chunk at the default tile): small enough for a slide overview in QuPath.
 _REGION = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-def parse_region(text: str | None, shape: tuple[int, int]) -> Box:
+def parse_region(text: str | None, shape: tuple[int, int] | None = None) -> Box:
     """Parse ``"y0:y1,x0:x1"`` (level-0 pixels, half-open) and check it lies in ``shape``.
 
     Parameters
@@ -43,7 +43,8 @@ def parse_region(text: str | None, shape: tuple[int, int]) -> Box:
     text
         The region, or ``None`` for the whole slide.
     shape
-        Level-0 ``(height, width)`` of the slide.
+        Level-0 ``(height, width)`` of the slide; ``None`` checks the text's form only
+        (``text`` is then required).
 
     Returns
     -------
@@ -55,16 +56,18 @@ def parse_region(text: str | None, shape: tuple[int, int]) -> Box:
     ValueError
         Malformed, empty, or outside the slide.
     """
-    h, w = shape
     if text is None:
-        return 0, h, 0, w
+        if shape is None:
+            raise ValueError("a region is required when the slide's shape is not given")
+        return 0, shape[0], 0, shape[1]
     m = _REGION.match(text)
     if m is None:
         raise ValueError(f"region must look like y0:y1,x0:x1 (e.g. 0:4096,0:8192), got {text!r}")
     y0, y1, x0, x1 = (int(v) for v in m.groups())
     if not (y0 < y1 and x0 < x1):
         raise ValueError(f"region {text!r} is empty (need y0 < y1 and x0 < x1)")
-    if y1 > h or x1 > w:
+    if shape is not None and (y1 > shape[0] or x1 > shape[1]):
+        h, w = shape
         raise ValueError(f"region {text!r} extends beyond the slide of {h}x{w} px")
     return y0, y1, x0, x1
 

@@ -43,10 +43,11 @@ __all__ = [
 ]
 
 CHANNELS = {
-    "stain": (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF")),
-    "despeckled-r": (("despeckled R", "FFFFFF"),),
+    3: (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF")),
+    1: (("despeckled R", "FFFFFF"),),
 }
-"""Channel labels and display colours of each exported product."""
+"""Channel labels and display colours by channel count: an RGB stain, or the grey product
+(the despeckled reflectance)."""
 
 
 CODECS = ("zstd", "lz4", "zlib", "none")
@@ -258,7 +259,7 @@ def write_multiscales(
     path: str | Path,
     plan: ExportPlan,
     *,
-    what: str,
+    channels: int,
     pixel_size_um: float,
     name: str,
     provenance: dict[str, Any],
@@ -266,11 +267,13 @@ def write_multiscales(
     """Write the NGFF 0.4 ``multiscales`` + ``omero`` metadata: the image's completion mark.
 
     Level ``k``'s scale is ``pixel_size · 2^k`` µm; every level is translated to the region's
-    corner on the slide, so an exported region overlays the slide it came from.
+    corner on the slide, so an exported region overlays the slide it came from. ``channels``
+    is 3 (RGB) or 1 (grey).
     """
     y0, _, x0, _ = plan.region
     px = float(pixel_size_um)
-    chans = CHANNELS[what]
+    chans = CHANNELS[channels]
+    rgb = channels == 3
     datasets = []
     for k in range(len(plan.levels)):
         s = px * 2**k
@@ -301,8 +304,8 @@ def write_multiscales(
         "omero": {
             "name": name,
             "version": "0.4",
-            "rgb": what == "stain",
-            "rdefs": {"model": "color" if what == "stain" else "greyscale"},
+            "rgb": rgb,
+            "rdefs": {"model": "color" if rgb else "greyscale"},
             "channels": [
                 {
                     "label": label,

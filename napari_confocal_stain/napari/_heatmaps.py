@@ -3,7 +3,7 @@
 Adds, over a slide's stained view, one semi-transparent Image layer per metric whose pixels
 are grid cells (LBP χ², SSIM and nuclei preserved fraction; bright = look here), and two
 Points layers with the erased (F nuclei missing from the stain) and invented nuclei. The
-numbers come from :mod:`napari_confocal_stain.cli_metrics`, the same code as the
+numbers come from :mod:`napari_confocal_stain.measure`, the same code as the
 ``confocal-stain metrics`` command.
 
 Three ways to fill the maps:
@@ -37,9 +37,9 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from psygnal import Signal
 
-from napari_confocal_stain.cli_metrics import (
+from napari_confocal_stain.errors import UsageError
+from napari_confocal_stain.measure.slide import (
     CONTEXT_PX,
     MIN_CELL_PX,
     CellBlock,
@@ -50,28 +50,24 @@ from napari_confocal_stain.cli_metrics import (
     measure_slide,
     slide_chunks,
 )
-from napari_confocal_stain.errors import UsageError
 from napari_confocal_stain.napari._errors import describe
 from napari_confocal_stain.napari._layers import META_KEY
-from napari_confocal_stain.napari._widgets import (
-    PANEL_WIDTH,
-    _meta,
-    _wrap,
+from napari_confocal_stain.napari._live import live_layers
+from napari_confocal_stain.napari._report_dock import MetricsReportWidget
+from napari_confocal_stain.napari._viewer_state import (
+    layer_meta,
+    metrics_bus,
     slide_layers,
     slide_mosaic,
 )
+from napari_confocal_stain.napari._widget_parts import PANEL_WIDTH, wrap_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
     from napari_confocal_stain.engine.pipeline import StainPipeline
 
-__all__ = [
-    "HEATMAP_METRICS",
-    "HeatmapsWidget",
-    "heatmap_layers",
-    "metrics_bus",
-]
+__all__ = ["HEATMAP_METRICS", "HeatmapsWidget"]
 
 #: The metrics shown as cell layers: (title, contrast limits, low values are bad).
 HEATMAP_METRICS: dict[str, tuple[str, tuple[float, float], bool]] = {
@@ -86,26 +82,6 @@ NUCLEI_POINTS = {
 }
 GAN_OUTPUT = "GAN stain (model below)"
 HEATMAP_OPACITY = 0.7
-
-
-class _Bus:
-    """Tells report docks that a slide's maps changed (emitted on the main thread)."""
-
-    updated = Signal(str)
-
-
-#: Process-wide: ``metrics_bus.updated.emit(slide)`` after new cells are shown.
-metrics_bus = _Bus()
-
-
-def heatmap_layers(viewer: napari.viewer.Viewer, slide: str | None = None) -> list[Any]:
-    """The heatmap Image layers of a slide (all slides if None), in layer-list order."""
-    return [
-        layer
-        for layer in viewer.layers
-        if _meta(layer).get("role") == "heatmap"
-        and (slide is None or _meta(layer).get("slide") == slide)
-    ]
 
 
 def _colormap(metric: str) -> Any:
@@ -148,7 +124,7 @@ class _LegendRow(Container):
         self.values = Label(value="no cells measured")
         super().__init__(widgets=[self.title, self.bar, self.range, self.values], labels=False)
         self.margins = (0, 0, 0, 0)
-        _wrap(self.values)
+        wrap_label(self.values)
         self._paint_bar()
 
     def _paint_bar(self) -> None:
@@ -183,10 +159,31 @@ class HeatmapsWidget(Container):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        self._viewer = viewer
+        fields = [*self._measure_fields(), *self._action_fields()]
+        self.legend = {m: _LegendRow(m) for m in HEATMAP_METRICS}
+        self.status = Label(value="")
+        super().__init__(widgets=[*fields, *self.legend.values(), self.status], labels=True)
+        wrap_label(self.status)
+        self.max_width = PANEL_WIDTH
+        self._results: dict[tuple[str, str], SlideMaps] = {}
+        self._worker: Any = None
+        self._pbar: Any = None
+        self._cancel = threading.Event()
+        self._error_shown = False
+        # Live mode: the engine's landed tiles, measured in order by one consumer.
+        self._live: Any = None
+        self._queue: collections.deque = collections.deque()
+        self._queued: set = set()
+        self._consumer: Any = None
+        self._connect(viewer)
+        self._show_model_fields()
+
+    def _measure_fields(self) -> list[Any]:
+        """What to measure and how: slide, output, model, cell, level, thresholds."""
         from napari_confocal_stain.core.tiling import STRATEGIES
         from napari_confocal_stain.models.defaults import DEFAULT_STAIN_MODEL
 
-        self._viewer = viewer
         self.slide = ComboBox(label="Slide", choices=self._slide_choices, nullable=False)
         self.output = ComboBox(
             label="Output",
@@ -212,46 +209,34 @@ class HeatmapsWidget(Container):
         self.ssim_below = FloatSpinBox(
             label="Flag SSIM below", value=0.3, min=-1.0, max=1.0, step=0.05
         )
+        return [
+            self.slide,
+            self.output,
+            self.model,
+            self.checkpoint,
+            self.strategy,
+            self.cell,
+            self.level,
+            self.chi2_above,
+            self.ssim_below,
+        ]
+
+    def _action_fields(self) -> list[Any]:
+        """Live mode, the measure / cancel buttons and the report button."""
         self.live = CheckBox(text="Follow the GAN stain layer (measure tiles as they land)")
         self.region_button = PushButton(text="Measure visible region")
         self.slide_button = PushButton(text="Measure whole slide")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.report_button = PushButton(text="Open the report dock")
-        self.legend = {m: _LegendRow(m) for m in HEATMAP_METRICS}
-        self.status = Label(value="")
-        super().__init__(
-            widgets=[
-                self.slide,
-                self.output,
-                self.model,
-                self.checkpoint,
-                self.strategy,
-                self.cell,
-                self.level,
-                self.chi2_above,
-                self.ssim_below,
-                self.live,
-                self.region_button,
-                self.slide_button,
-                self.cancel_button,
-                self.report_button,
-                *self.legend.values(),
-                self.status,
-            ],
-            labels=True,
-        )
-        _wrap(self.status)
-        self.max_width = PANEL_WIDTH
-        self._results: dict[tuple[str, str], SlideMaps] = {}
-        self._worker: Any = None
-        self._pbar: Any = None
-        self._cancel = threading.Event()
-        self._error_shown = False
-        # Live mode: the engine's landed tiles, measured in order by one consumer.
-        self._live: Any = None
-        self._queue: collections.deque = collections.deque()
-        self._queued: set = set()
-        self._consumer: Any = None
+        return [
+            self.live,
+            self.region_button,
+            self.slide_button,
+            self.cancel_button,
+            self.report_button,
+        ]
+
+    def _connect(self, viewer: napari.viewer.Viewer) -> None:
         self.region_button.changed.connect(lambda *_: self.measure_visible())
         self.slide_button.changed.connect(lambda *_: self.measure_slide())
         self.cancel_button.changed.connect(self.cancel)
@@ -263,7 +248,6 @@ class HeatmapsWidget(Container):
         self.output.changed.connect(self._show_model_fields)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
-        self._show_model_fields()
 
     # ------------------------------------------------------------------ choices
 
@@ -280,7 +264,7 @@ class HeatmapsWidget(Container):
         for layer in self._viewer.layers:
             # Only layers from elsewhere: ours are the source, the heatmaps, or the live GAN
             # layer (whose uncomputed tiles show the linear stain: it is measured live).
-            if _meta(layer).get("role") or not getattr(layer, "rgb", False):
+            if layer_meta(layer).get("role") or not getattr(layer, "rgb", False):
                 continue
             data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
             if tuple(data.shape[:2]) == mosaic.shape:
@@ -379,7 +363,7 @@ class HeatmapsWidget(Container):
         return read
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
-        """The flagging thresholds of the widget (see :func:`~..cli_metrics.flag_cells`)."""
+        """The flagging thresholds of the widget (see :func:`~..measure.slide.flag_cells`)."""
         return {
             "lbp_chi2": (">", float(self.chi2_above.value)),
             "ssim": ("<", float(self.ssim_below.value)),
@@ -549,7 +533,7 @@ class HeatmapsWidget(Container):
 
     def _find(self, slide: str, label: str, kind: str) -> Any:
         for layer in self._viewer.layers:
-            m = _meta(layer)
+            m = layer_meta(layer)
             if m.get("slide") == slide and m.get("label") == label and m.get("kind") == kind:
                 return layer
         return None
@@ -564,7 +548,7 @@ class HeatmapsWidget(Container):
         for metric, (title, limits, _) in HEATMAP_METRICS.items():
             data = maps.maps[metric].astype(np.float32)
             layer = self._find(slide, label, metric)
-            if layer is not None and _meta(layer).get("cell") == cell:
+            if layer is not None and layer_meta(layer).get("cell") == cell:
                 layer.data[...] = data
                 layer.refresh()
                 continue
@@ -645,8 +629,6 @@ class HeatmapsWidget(Container):
 
     def open_report(self, *_: Any) -> Any:
         """Dock the report widget (summary, distribution plot, Save PNG / CSV)."""
-        from napari_confocal_stain.napari._report_dock import MetricsReportWidget
-
         widget = MetricsReportWidget(self._viewer)
         window = getattr(self._viewer, "window", None)
         if window is not None:
@@ -656,10 +638,6 @@ class HeatmapsWidget(Container):
     # ------------------------------------------------------------------ live mode
 
     def _live_layers(self) -> dict[str, Any]:
-        try:
-            from napari_confocal_stain.napari._live import live_layers
-        except ImportError:  # the engine shell is not installed in this build
-            return {}
         return live_layers(self._viewer, "gan")
 
     def _on_live_toggled(self, on: bool) -> None:

@@ -36,7 +36,7 @@ from napari_confocal_stain.napari._layers import META_KEY, layer_name
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["LiveImage", "LiveLayer", "live_layers", "shared_cache"]
+__all__ = ["LiveImage", "LiveLayer", "live_layers", "shared_cache", "tile_cache_dir"]
 
 DEBOUNCE_MS = 80
 """Quiet time after the last camera change before the renderer is told (ms)."""
@@ -50,6 +50,13 @@ GAN_MARGIN = 16
 DEFAULT_CACHE_MB = 768
 
 _CACHE: TileCache | None = None
+
+
+def tile_cache_dir() -> str:
+    """Where live layers keep computed tiles on disk (under the user's cache folder)."""
+    from napari_confocal_stain.io.sample import cache_dir
+
+    return str(cache_dir() / "tiles")
 
 
 def shared_cache(max_mb: int | None = None) -> TileCache:

@@ -2,8 +2,9 @@
 
 It reads what the Heatmaps widget measured (the cell maps kept with its heatmap layers), so
 it works for any slide and any number of models / inference strategies: one box per
-strategy and metric, like the thesis's Fig. 4.8 (:func:`~..core.report.distribution_figure`,
-the same drawing the ``confocal-stain metrics --plot`` file gets).
+strategy and metric, like the thesis's Fig. 4.8
+(:func:`~napari_confocal_stain.measure.report.distribution_figure`, the same drawing the
+``confocal-stain metrics --plot`` file gets).
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, Label, PushButton, Table
 
-from napari_confocal_stain.core.report import STATISTICS, summarize
 from napari_confocal_stain.errors import UsageError
+from napari_confocal_stain.measure.report import (
+    STATISTICS,
+    cells_to_csv,
+    distribution_figure,
+    plot_distributions,
+    summarize,
+)
 from napari_confocal_stain.napari._errors import describe
-from napari_confocal_stain.napari._heatmaps import heatmap_layers, metrics_bus
-from napari_confocal_stain.napari._widgets import _meta, _wrap
+from napari_confocal_stain.napari._viewer_state import heatmap_layers, layer_meta, metrics_bus
+from napari_confocal_stain.napari._widget_parts import button_row, wrap_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-    from napari_confocal_stain.cli_metrics import SlideMaps
+    from napari_confocal_stain.measure.slide import SlideMaps
 
 __all__ = ["PLOT_METRICS", "MetricsReportWidget"]
 
@@ -51,14 +58,9 @@ class MetricsReportWidget(Container):
         self.save_png_button = PushButton(text="Save PNG…")
         self.save_csv_button = PushButton(text="Save CSV…")
         self.status = Label(value="")
-        buttons = Container(
-            widgets=[self.save_png_button, self.save_csv_button],
-            layout="horizontal",
-            labels=False,
-        )
-        buttons.margins = (0, 0, 0, 0)
+        buttons = button_row(self.save_png_button, self.save_csv_button)
         super().__init__(widgets=[self.slide, self.table, buttons, self.status], labels=False)
-        _wrap(self.status)
+        wrap_label(self.status)
         self.figure = Figure(figsize=(5.0, 3.2), dpi=90, layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(260)
@@ -80,7 +82,8 @@ class MetricsReportWidget(Container):
     # ------------------------------------------------------------------ data
 
     def _slide_choices(self, _widget: Any = None) -> list[str]:
-        return list(dict.fromkeys(_meta(lyr)["slide"] for lyr in heatmap_layers(self._viewer)))
+        slides = (layer_meta(lyr)["slide"] for lyr in heatmap_layers(self._viewer))
+        return list(dict.fromkeys(slides))
 
     def measured(self, slide: str | None = None) -> dict[str, SlideMaps]:
         """``{label: SlideMaps}`` of a slide (default: the chosen one), in layer order."""
@@ -89,7 +92,7 @@ class MetricsReportWidget(Container):
         if slide is None:
             return out
         for layer in heatmap_layers(self._viewer, slide):
-            label = _meta(layer)["label"]
+            label = layer_meta(layer)["label"]
             maps = layer.metadata.get("confocal_stain_cells")
             if maps is not None and label not in out:
                 out[label] = maps
@@ -113,8 +116,6 @@ class MetricsReportWidget(Container):
 
     def refresh(self, *_: Any) -> None:
         """Recompute the summary table and redraw the plot for the chosen slide."""
-        from napari_confocal_stain.core.report import distribution_figure
-
         data = self._measured_values()
         rows, index = [], []
         for label, maps in data.items():
@@ -146,8 +147,6 @@ class MetricsReportWidget(Container):
         UsageError
             Nothing measured for the slide.
         """
-        from napari_confocal_stain.core.report import plot_distributions
-
         data = self._measured_values()
         if not data:
             raise UsageError("nothing measured for this slide yet")
@@ -166,8 +165,6 @@ class MetricsReportWidget(Container):
         UsageError
             Nothing measured for the slide.
         """
-        from napari_confocal_stain.core.report import cells_to_csv
-
         measured = self.measured()
         if not measured:
             raise UsageError("nothing measured for this slide yet")

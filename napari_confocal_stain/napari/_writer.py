@@ -2,7 +2,7 @@
 
 The layer's full-resolution data is streamed in blocks (a multiscale layer's level 0, a
 lazy dask array is computed block by block) into the same layout as the whole-slide
-export (:func:`napari_confocal_stain.export.runner.export_array`). Float pixels are taken
+export (:func:`napari_confocal_stain.export.export_array`). Float pixels are taken
 as [0, 1] (what the plugin's stain layers hold) or mapped through the layer's contrast
 limits when they are not; the layer's ``scale`` (µm per pixel in this plugin) becomes the
 pixel size. To stain a whole slide at full resolution use the GAN-stain widget's Export
@@ -70,7 +70,7 @@ def write_image_layer(path: str, data: Any, attributes: dict[str, Any]) -> list[
         notification. Nothing is left at ``path`` or beside it.
     """
     from napari_confocal_stain.errors import USER_ERROR, OutputError, explain
-    from napari_confocal_stain.export.runner import export_array
+    from napari_confocal_stain.export import export_array
 
     level0 = data[0] if attributes.get("multiscale") or isinstance(data, list) else data
     shape = tuple(int(n) for n in level0.shape)

@@ -1,37 +1,23 @@
-"""``confocal-stain``: the headless entry point.
+"""``confocal-stain info``, ``synth`` and ``sample``: look at a slide, or make one.
 
-Subcommands::
+::
 
     confocal-stain info PATH [--f-path F] [--channels R,F] [--normalization MODE]
     confocal-stain synth OUT --size 30000x30000 --seed 1 [--looks 5] [--dtype uint8]
     confocal-stain sample            # prints the bundled sample slide's folder
-    confocal-stain stain SLIDE --out OUT.ome.zarr|OUT.ome.tif [--method linear|gan] [--resume]
-    confocal-stain batch SLIDES... --out-dir DIR
-    confocal-stain metrics SLIDE [--model M] [--strategy S ...] [--cell 512] [--csv C] [--plot P]
-
-Errors the user can cause (bad paths, bad files, bad options, permission denied, a
-read-only or full disk, out of memory) print one line to stderr naming the file and the
-problem and exit with status 2; Ctrl-C exits with 130; a bug prints a one-line summary and
-exits with 1 (``--debug`` shows the traceback). See :mod:`napari_confocal_stain.cli_common`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from napari_confocal_stain import __version__
-from napari_confocal_stain.cli_common import (
-    add_debug_flag,
-    nonnegative_float,
-    positive_float,
-    report_error,
-)
+from napari_confocal_stain.cli.common import Progress, nonnegative_float, positive_float
 from napari_confocal_stain.errors import OutputError
+
+__all__ = ["NORMALIZATIONS", "add_parsers", "run_info", "run_sample", "run_synth"]
 
 NORMALIZATIONS = ("percentile", "independent", "global", "average", "dtype")
 
@@ -61,18 +47,15 @@ def _channels(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``confocal-stain`` (exposed for docs and tests)."""
-    parser = argparse.ArgumentParser(
-        prog="confocal-stain",
-        description="Open, inspect and stain ex vivo confocal (reflectance + fluorescence) "
-        "slides.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    add_debug_flag(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_parsers(subparsers: Any) -> None:
+    """Add ``info``, ``synth`` and ``sample`` to ``confocal-stain``'s subparsers.
 
-    info = sub.add_parser(
+    Parameters
+    ----------
+    subparsers
+        What ``ArgumentParser.add_subparsers`` returned; each subcommand sets ``func``.
+    """
+    info = subparsers.add_parser(
         "info",
         help="print a slide's shape, levels, pixel size, dtype and layout as JSON",
         description="Open a slide lazily (headers and one coarse level only) and print JSON.",
@@ -97,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how intensities are mapped to [0, 1] (default: %(default)s)",
     )
     info.add_argument("--pixel-size", type=positive_float, default=None, help="override µm/px")
+    info.set_defaults(func=run_info)
 
-    synth = sub.add_parser(
+    synth = subparsers.add_parser(
         "synth",
         help="write a synthetic dual-mode confocal slide (Vivascope layout)",
         description="Write a deterministic synthetic R/F mosaic as tiled pyramidal TIFFs, "
@@ -118,40 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--dtype", choices=("uint8", "uint16"), default="uint8")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(func=run_synth)
 
-    sample = sub.add_parser(
+    sample = subparsers.add_parser(
         "sample",
         help="print the folder of the bundled sample slide (generated on first use)",
     )
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    # Subcommands that live in their own modules (each registers `func=run`).
-    from napari_confocal_stain import cli_export, cli_metrics
-
-    cli_export.add_parsers(sub)
-    cli_metrics.add_parser(sub)
-    for subparser in sub.choices.values():
-        add_debug_flag(subparser)
-    return parser
+    sample.set_defaults(func=run_sample)
 
 
-def _progress_bar(desc: str, quiet: bool):
-    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr, and a closer."""
-    if quiet:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar: list = []
-
-    def progress(done: int, total: int) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, desc=desc, unit="strip", file=sys.stderr))
-        bar[0].update(done - bar[0].n)
-
-    return progress, lambda: bar and bar[0].close()
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
+def run_info(args: argparse.Namespace) -> int:
+    """``confocal-stain info``: print the slide's description as JSON."""
     from napari_confocal_stain.io.readers import open_mosaic
 
     channels = None
@@ -168,7 +130,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_synth(args: argparse.Namespace) -> int:
+def run_synth(args: argparse.Namespace) -> int:
+    """``confocal-stain synth``: write a synthetic slide; prints its folder."""
     from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
 
     for parent in args.out.parents:  # mkdir would call a file in the way "already exists"
@@ -176,8 +139,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             if not parent.is_dir():
                 raise OutputError(parent, "is a file, not a folder")
             break
-    progress, close = _progress_bar(f"synth {args.size[0]}x{args.size[1]}", args.quiet)
-    try:
+    with Progress(f"synth {args.size[0]}x{args.size[1]}", "strip", quiet=args.quiet) as bar:
         out = write_synthetic_mosaic(
             args.out,
             size=args.size,
@@ -185,58 +147,16 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             looks=args.looks or None,
             dtype=args.dtype,
             overwrite=args.overwrite,
-            progress=progress,
+            progress=None if args.quiet else bar,
         )
-    finally:
-        close()
     print(out)
     return 0
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
+def run_sample(args: argparse.Namespace) -> int:
+    """``confocal-stain sample``: print the sample slide's folder (made on first use)."""
     from napari_confocal_stain.io.sample import sample_slide_path
 
-    progress, close = _progress_bar("sample slide (first time only)", args.quiet)
-    try:
-        print(sample_slide_path(progress=progress))
-    finally:
-        close()
+    with Progress("sample slide (first time only)", "strip", quiet=args.quiet) as bar:
+        print(sample_slide_path(progress=None if args.quiet else bar))
     return 0
-
-
-def _subject(args: argparse.Namespace) -> Path | None:
-    """The file a command works on, named by an error that names none (e.g. out of memory)."""
-    for name in ("slide", "path", "out"):
-        value = getattr(args, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``confocal-stain``; returns the exit status (0, 1 bug, 2 bad input, 130 Ctrl-C)."""
-    args = build_parser().parse_args(argv)
-    handler = (
-        getattr(args, "func", None)
-        or {
-            "info": _cmd_info,
-            "synth": _cmd_synth,
-            "sample": _cmd_sample,
-        }[args.command]
-    )
-    try:
-        return handler(args)
-    except BrokenPipeError as exc:
-        if exc.filename is not None:
-            return report_error(args.command, exc, subject=_subject(args), debug=args.debug)
-        # Our output went to a pipe that closed early (`| head`): nothing went wrong with
-        # the slide. Quiet, with the status a shell gives a process killed by SIGPIPE; the
-        # interpreter's final flush goes to /dev/null instead of failing again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + 13
-    except (Exception, KeyboardInterrupt) as exc:
-        return report_error(args.command, exc, subject=_subject(args), debug=args.debug)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

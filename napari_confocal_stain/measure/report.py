@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_confocal_stain._fs import write_atomic as _write_atomic
+from napari_confocal_stain._fs import write_atomic
 
 __all__ = [
     "METRIC_LABELS",
@@ -200,7 +200,7 @@ def cells_to_csv(
                     *(repr(float(c[i, j])) for c in columns),
                 ]
             )
-    return _write_atomic(path, buf.getvalue().encode("utf-8"))
+    return write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def distribution_figure(
@@ -245,11 +245,11 @@ def distribution_figure(
         for m in metrics
     }
 
-    width = max(4.0, 1.1 * len(strategies) + 1.5)
     if figure is None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
+        width = max(4.0, 1.1 * len(strategies) + 1.5)
         fig = Figure(figsize=(width * len(metrics), 4.2), dpi=dpi, layout="constrained")
         FigureCanvasAgg(fig)
     else:
@@ -257,37 +257,41 @@ def distribution_figure(
         fig.clear()
         fig.set_layout_engine("constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    colours = [f"C{i % 10}" for i in range(len(strategies))]
     for ax, metric in zip(axes, metrics, strict=True):
-        series = [values[(s, metric)] for s in strategies]
-        present = [k for k, v in enumerate(series) if v.size]
-        if present:
-            box = ax.boxplot(
-                [series[k] for k in present],
-                positions=[k + 1 for k in present],
-                whis=(5, 95),
-                showfliers=False,
-                showmeans=True,
-                widths=0.6,
-                patch_artist=True,
-                meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "k"},
-                medianprops={"color": "k"},
-            )
-            for patch, k in zip(box["boxes"], present, strict=True):
-                patch.set_facecolor(colours[k])
-                patch.set_alpha(0.75)
-        ax.set_xticks(
-            range(1, len(strategies) + 1),
-            [f"{s}\n(n={series[k].size})" for k, s in enumerate(strategies)],
-        )
-        ax.set_xlim(0.4, len(strategies) + 0.6)
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.set_title(_TITLES.get(metric, metric))
-        ax.grid(axis="y", alpha=0.3)
-        ax.ticklabel_format(axis="y", useOffset=False)  # "+1" offsets confuse fractions
+        _metric_panel(ax, metric, strategies, [values[(s, metric)] for s in strategies])
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _metric_panel(ax: Any, metric: str, strategies: list[str], series: list[np.ndarray]) -> None:
+    """One metric's box per strategy (5–95 % whiskers, mean as a white dot) on ``ax``."""
+    colours = [f"C{i % 10}" for i in range(len(strategies))]
+    present = [k for k, v in enumerate(series) if v.size]
+    if present:
+        box = ax.boxplot(
+            [series[k] for k in present],
+            positions=[k + 1 for k in present],
+            whis=(5, 95),
+            showfliers=False,
+            showmeans=True,
+            widths=0.6,
+            patch_artist=True,
+            meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "k"},
+            medianprops={"color": "k"},
+        )
+        for patch, k in zip(box["boxes"], present, strict=True):
+            patch.set_facecolor(colours[k])
+            patch.set_alpha(0.75)
+    ax.set_xticks(
+        range(1, len(strategies) + 1),
+        [f"{s}\n(n={series[k].size})" for k, s in enumerate(strategies)],
+    )
+    ax.set_xlim(0.4, len(strategies) + 0.6)
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(_TITLES.get(metric, metric))
+    ax.grid(axis="y", alpha=0.3)
+    ax.ticklabel_format(axis="y", useOffset=False)  # "+1" offsets confuse fractions
 
 
 def plot_distributions(
@@ -330,4 +334,4 @@ def plot_distributions(
     fig = distribution_figure(data, title=title, metrics=metrics, dpi=dpi)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return _write_atomic(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue())

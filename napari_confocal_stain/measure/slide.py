@@ -1,7 +1,8 @@
-"""Hallucination metrics of a slide, cell by cell: the ``confocal-stain metrics`` command.
+"""Hallucination metrics of a slide, cell by cell: the (Qt-free) measuring engine.
 
-This module is also the (Qt-free) measuring engine the napari Heatmaps widget uses, so a
-cell gets the same numbers in the viewer and on the command line:
+``confocal-stain metrics`` (:mod:`napari_confocal_stain.cli.metrics`) and the napari
+Heatmaps widget both measure through this module, so a cell gets the same numbers in the
+viewer and on the command line:
 
 * :func:`measure_block` — pure arrays: the per-cell LBP χ², SSIM and nuclei maps of a
   region, given its linear stain (source), its stained output and its fluorescence.
@@ -19,46 +20,39 @@ Conventions
     :func:`~napari_confocal_stain.core.metrics.luminance`. Nuclei are only counted where a
     pixel is at most :data:`NUCLEI_MAX_PIXEL_UM` (LoG detection of 5 µm nuclei needs a few
     pixels per nucleus); elsewhere the nuclei maps are NaN.
-
-Command line::
-
-    confocal-stain metrics SLIDE [--model M] [--strategy S ...] [--cell 512] [--level N]
-        [--region y0:y1,x0:x1] [--csv OUT.csv] [--plot OUT.png] [--device D]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_confocal_stain.core.box import Box
-from napari_confocal_stain.errors import MosaicError
+from napari_confocal_stain.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_confocal_stain.engine.pipeline import StainPipeline
 
 __all__ = [
+    "CHUNK_PX",
+    "CONTEXT_PX",
     "DEFAULT_THRESHOLDS",
     "MAP_NAMES",
     "MIN_CELL_PX",
     "NUCLEI_MAX_PIXEL_UM",
     "CellBlock",
+    "OutputReader",
     "SlideMaps",
-    "add_parser",
     "chunk_boxes",
     "flag_cells",
     "level_cell",
     "measure_block",
     "measure_box",
     "measure_slide",
-    "parse_region",
-    "run",
+    "nuclei_maps",
     "slide_chunks",
 ]
 
@@ -162,25 +156,6 @@ def chunk_boxes(shape: tuple[int, int], cell_px: int, region: Box | None, chunk:
     ]
 
 
-def parse_region(text: str) -> Box:
-    """Parse ``y0:y1,x0:x1`` into ``(y0, y1, x0, x1)``.
-
-    Raises
-    ------
-    ValueError
-        Malformed text or an empty range.
-    """
-    try:
-        ys, xs = text.split(",")
-        y0, y1 = (int(v) for v in ys.split(":"))
-        x0, x1 = (int(v) for v in xs.split(":"))
-    except ValueError:
-        raise ValueError(f"region must look like y0:y1,x0:x1 (pixels), got {text!r}") from None
-    if not (0 <= y0 < y1 and 0 <= x0 < x1):
-        raise ValueError(f"region {text!r} must have 0 <= y0 < y1 and 0 <= x0 < x1")
-    return y0, y1, x0, x1
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -246,19 +221,48 @@ def measure_block(
     grid = cell_grid_shape((y1 - y0, x1 - x0), cell_px)
     maps = hallucination_maps(source[y0:y1, x0:x1], output[y0:y1, x0:x1], cell_px, workers=workers)
     maps = {k: np.asarray(v, np.float64) for k, v in maps.items()}
-    nan = np.full(grid, np.nan)
-    empty = np.empty((0, 2))
-    points = {"erased": empty, "invented": empty, "preserved": empty}
     if f is None:
+        empty = np.empty((0, 2))
         for name in MAP_NAMES[2:]:
-            maps[name] = nan.copy()
-        return maps, points
+            maps[name] = np.full(grid, np.nan)
+        return maps, {"erased": empty, "invented": empty, "preserved": empty}
+    nuclei, points = nuclei_maps(output, f, cell_px, inner, pixel_size_um, workers)
+    maps.update(nuclei)
+    return maps, points
+
+
+def nuclei_maps(
+    output: np.ndarray,
+    f: np.ndarray,
+    cell_px: int,
+    inner: Box,
+    pixel_size_um: float,
+    workers: int | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-cell nuclei preserved / erased / invented of a region (see :func:`measure_block`).
+
+    Nuclei are detected in all of ``f`` and ``output`` (the context included, so a nucleus
+    on the region's edge is found as in the whole slide) and counted in the cell of their
+    centre inside ``inner``.
+
+    Returns
+    -------
+    maps : dict
+        ``nuclei_preserved`` (NaN in cells without F nuclei), ``nuclei_erased``,
+        ``nuclei_invented``, each ``(ny, nx)`` float64.
+    points : dict
+        ``{"erased", "invented", "preserved"}`` → ``(K, 2)`` ``(y, x)`` relative to the
+        corner of ``inner``.
+    """
+    from napari_confocal_stain.core.metrics import cell_grid_shape
     from napari_confocal_stain.core.nuclei import (
         detect_nuclei_fluorescence,
         detect_nuclei_he,
         match_nuclei,
     )
 
+    y0, y1, x0, x1 = inner
+    grid = cell_grid_shape((y1 - y0, x1 - x0), cell_px)
     diameter = (5.0, 14.0)
     src = detect_nuclei_fluorescence(f, pixel_size_um, diameter, workers=workers)
     out = detect_nuclei_he(output, pixel_size_um, diameter, workers=workers)
@@ -269,19 +273,20 @@ def measure_block(
         "erased": src[match.unmatched_a, :2],
         "invented": out[match.unmatched_b, :2],
     }
-    counts = {}
+    points, counts = {}, {}
     for name, pts in sets.items():
-        pts = pts[_inside(pts, inner)] - offset if len(pts) else empty
+        pts = pts[_inside(pts, inner)] - offset if len(pts) else np.empty((0, 2))
         points[name] = pts
         flat = _cell_index(pts, cell_px, grid) if len(pts) else np.empty(0, np.intp)
         counts[name] = np.bincount(flat, minlength=grid[0] * grid[1]).reshape(grid)
     n_src = counts["preserved"] + counts["erased"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        maps["nuclei_preserved"] = np.where(
-            n_src > 0, counts["preserved"] / np.maximum(n_src, 1), np.nan
-        )
-    maps["nuclei_erased"] = counts["erased"].astype(np.float64)
-    maps["nuclei_invented"] = counts["invented"].astype(np.float64)
+        preserved = np.where(n_src > 0, counts["preserved"] / np.maximum(n_src, 1), np.nan)
+    maps = {
+        "nuclei_preserved": preserved,
+        "nuclei_erased": counts["erased"].astype(np.float64),
+        "nuclei_invented": counts["invented"].astype(np.float64),
+    }
     return maps, points
 
 
@@ -375,8 +380,6 @@ def measure_box(
     else:
         out = _uint8(output(level, grown))
     if out.shape != source.shape:
-        from napari_confocal_stain.errors import UsageError
-
         raise UsageError(
             f"the output's pixels at {grown} have shape {out.shape}, the slide's "
             f"{source.shape}: measure an output of the slide's size"
@@ -554,169 +557,3 @@ def measure_slide(
             cancel=cancel, workers=workers,
         )  # fmt: skip
         yield i + 1, len(boxes), block
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers: Any) -> None:
-    """Register ``metrics`` on an ``argparse`` subparsers object (``set_defaults(func=run)``)."""
-    from napari_confocal_stain.cli_common import device, int_at_least
-    from napari_confocal_stain.core.tiling import STRATEGIES
-    from napari_confocal_stain.models.defaults import DEFAULT_STAIN_MODEL
-
-    p = subparsers.add_parser(
-        "metrics",
-        help="per-cell hallucination metrics (LBP χ², SSIM, nuclei) of a slide's GAN stain",
-        description="Stain a slide (or a region) chunk by chunk with each inference strategy "
-        "and measure every grid cell against the linear stain: LBP histogram χ² distance, "
-        "SSIM, and nuclei preserved / erased / invented. Prints a summary per strategy; "
-        "writes a CSV of all cells and a distribution plot (thesis Fig. 4.8).",
-    )
-    p.add_argument("slide", type=Path, help="slide path (anything `confocal-stain info` opens)")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_STAIN_MODEL,
-        help="bundled stain model name or checkpoint path (default: %(default)s)",
-    )
-    p.add_argument(
-        "--strategy",
-        action="append",
-        choices=STRATEGIES,
-        default=None,
-        help="inference strategy; repeat to compare several (default: seamless)",
-    )
-    p.add_argument("--despeckle", default=None, help="despeckle R first with this model")
-    p.add_argument("--cell", type=int, default=512, help="cell side in level-0 px (default 512)")
-    p.add_argument(
-        "--level", type=int_at_least(0), default=0, help="pyramid level to measure (default 0)"
-    )
-    p.add_argument("--region", type=str, default=None, help="only y0:y1,x0:x1 (level-0 pixels)")
-    p.add_argument("--csv", type=Path, default=None, help="write every cell to this CSV")
-    p.add_argument("--plot", type=Path, default=None, help="write the distribution plot (PNG)")
-    p.add_argument("--device", type=device, default="auto", help="torch device (default: auto)")
-    p.add_argument(
-        "--chunk", type=int_at_least(1), default=CHUNK_PX, help="chunk side in level-0 px"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``confocal-stain metrics``; returns the exit status (2 on bad input).
-
-    Errors are reported as one line on stderr (see :mod:`napari_confocal_stain.cli_common`).
-    """
-    from napari_confocal_stain.cli_common import report_error
-
-    try:
-        return _run(args)
-    except (Exception, KeyboardInterrupt) as exc:
-        debug = getattr(args, "debug", False)
-        return report_error("metrics", exc, subject=args.slide, debug=debug)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from napari_confocal_stain.core.report import (
-        cells_to_csv,
-        format_summary,
-        plot_distributions,
-        summarize,
-    )
-    from napari_confocal_stain.engine.pipeline import StainPipeline, StainSettings
-    from napari_confocal_stain.errors import OutputError, UsageError
-    from napari_confocal_stain.io.readers import open_mosaic
-
-    strategies = list(dict.fromkeys(args.strategy or ["seamless"]))
-    if args.cell < MIN_CELL_PX or args.cell & (args.cell - 1):
-        raise UsageError(f"--cell must be a power of two >= {MIN_CELL_PX}, got {args.cell}")
-    for out in (args.csv, args.plot):
-        if out is not None and out.is_dir():
-            raise OutputError(out, "is a folder, not an output file")
-    try:
-        region = parse_region(args.region) if args.region else None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    mosaic = open_mosaic(args.slide)
-    if not 0 <= args.level < mosaic.levels:
-        raise UsageError(f"--level {args.level} out of range (slide has {mosaic.levels})")
-    h, w = mosaic.shape
-    if region is not None:
-        if region[0] >= h or region[2] >= w:
-            raise MosaicError(args.slide, f"region {args.region} is outside the {h}x{w} slide")
-        region = (region[0], min(region[1], h), region[2], min(region[3], w))
-    try:
-        level_cell(args.cell, mosaic.downsample[args.level])
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    pipelines = {
-        s: StainPipeline(
-            mosaic,
-            StainSettings(
-                despeckle=args.despeckle, model=args.model, strategy=s, device=args.device
-            ),
-        )
-        for s in strategies
-    }
-    for pipe in pipelines.values():
-        pipe.stain_model()  # a bad checkpoint fails here, before any work
-        if args.despeckle is not None:
-            pipe.despeckle_model()
-
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        first = next(iter(pipelines.values()))
-        per_strategy = slide_chunks(first, args.level, args.cell, region, args.chunk)
-        total = len(pipelines) * len(per_strategy)
-        bar = tqdm(total=total, desc=f"metrics {mosaic.name}", unit="chunk", file=sys.stderr)
-    results: dict[str, dict[str, np.ndarray]] = {}
-    origin = (0, 0)
-    try:
-        for strategy, pipe in pipelines.items():
-            slide = SlideMaps(mosaic.shape, args.cell)
-            for done, total, block in measure_slide(
-                pipe, args.level, args.cell, region=region, chunk=args.chunk
-            ):
-                slide.add(block)
-                if bar is not None:
-                    bar.set_postfix_str(f"{strategy} {done}/{total}")
-                    bar.update(1)
-            results[strategy], origin = slide.crop(region)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    for strategy, maps in results.items():
-        print(f"# {mosaic.name} · {args.model} · {strategy} · cell {args.cell} px")
-        print(format_summary(summarize(maps)))
-    c = args.cell
-    if args.csv is not None:
-        columns = {}
-        for strategy, maps in results.items():
-            for name, m in maps.items():
-                columns[name if len(results) == 1 else f"{strategy}.{name}"] = m
-        oy, ox = origin[0] * c, origin[1] * c
-        cells_to_csv(args.csv, columns, c, (oy, ox), image_shape=(h - oy, w - ox))
-        print(f"wrote {args.csv}")
-    if args.plot is not None:
-        plot_distributions(
-            args.plot,
-            results,
-            title=f"{mosaic.name} · {args.model} · cell {c} px (level {args.level})",
-            metrics=["lbp_chi2", "ssim", "nuclei_preserved"],
-        )
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``metrics`` (``python -m napari_confocal_stain.cli_metrics``): as ``cli``."""
-    from napari_confocal_stain.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,7 +1,8 @@
-"""What every ``confocal-stain`` subcommand shares: option types and the error report.
+"""What every ``confocal-stain`` subcommand shares: option types, progress bars, errors.
 
-Errors reach the user through :func:`report_error`, which asks
-:func:`napari_confocal_stain.errors.explain` for the one line and the exit status:
+A subcommand's ``run(args)`` raises; :func:`napari_confocal_stain.cli.main` (and ``batch``,
+for each slide) turns the error into one line with :func:`describe_failure`, which asks
+:func:`napari_confocal_stain.errors.explain` for the words and the exit status:
 
 * a failure the user caused (bad or missing file, bad option value, permission denied,
   read-only or full disk, a folder where a file belongs, a symlink loop, out of memory):
@@ -23,17 +24,50 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from napari_confocal_stain.errors import INTERNAL_ERROR, INTERRUPTED, explain
 
 __all__ = [
+    "Progress",
     "add_debug_flag",
+    "describe_failure",
     "device",
     "int_at_least",
     "nonnegative_float",
     "positive_float",
     "report_error",
 ]
+
+
+def describe_failure(
+    exc: BaseException, *, subject: str | Path | None = None, debug: bool = False
+) -> tuple[str, int]:
+    """The one line telling the user what went wrong, and the exit status.
+
+    With ``debug`` the traceback is printed to stderr at once (so the line, printed by the
+    caller, stays last); otherwise a bug's line says how to get it.
+
+    Parameters
+    ----------
+    exc
+        The error.
+    subject
+        The file the command was working on, named when the error names none.
+    debug
+        Print the traceback.
+
+    Returns
+    -------
+    tuple of (str, int)
+        The message (no command prefix) and the exit status (see the module notes).
+    """
+    message, status = explain(exc, subject)
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    elif status == INTERNAL_ERROR:
+        message += " (run with --debug for the traceback)"
+    return message, status
 
 
 def report_error(
@@ -52,11 +86,7 @@ def report_error(
     debug
         Also print the traceback (before the line, so the line stays last).
     """
-    message, status = explain(exc, subject)
-    if debug:
-        traceback.print_exception(exc, file=sys.stderr)
-    elif status == INTERNAL_ERROR:
-        message += " (run with --debug for the traceback)"
+    message, status = describe_failure(exc, subject=subject, debug=debug)
     label = "" if status == INTERRUPTED else "error: "
     print(f"confocal-stain {command}: {label}{message}", file=sys.stderr)
     return status
@@ -116,6 +146,56 @@ def nonnegative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
+
+
+class Progress:
+    """A tqdm bar on stderr fed ``progress(done, total)``; draws nothing when ``quiet``.
+
+    The bar is made at the first call, when the total is known, starting at ``done`` (a
+    resumed export's rate and ETA then count only this run's work).
+
+    Parameters
+    ----------
+    desc
+        The bar's label.
+    unit
+        What ``done`` counts (``"px"``, ``"strip"``, ``"chunk"``).
+    quiet
+        Draw nothing.
+    unit_scale
+        Show ``done`` with SI prefixes (``12.3Mpx``).
+    """
+
+    def __init__(self, desc: str, unit: str, *, quiet: bool = False, unit_scale: bool = False):
+        self.desc, self.unit, self.quiet, self.unit_scale = desc, unit, quiet, unit_scale
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=done, desc=self.desc, unit=self.unit,
+                unit_scale=self.unit_scale, file=sys.stderr,
+            )  # fmt: skip
+        self.bar.update(done - self.bar.n)
+
+    def note(self, text: str) -> None:
+        """Show ``text`` after the bar (e.g. which of several runs is going)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

@@ -9,8 +9,12 @@
         [--resume] [--overwrite] [--scheduler ADDRESS|local] [--workers N] [--quiet]
     confocal-stain batch SLIDES... --out-dir DIR [--format ome.zarr|ome.tif] [same options]
 
-``cli.py`` adds these with :func:`add_parsers` and calls ``args.func(args)``; an error
-reaches the user as one line (see :mod:`napari_confocal_stain.cli_common`). ``batch``
+The product is the GAN stain by default; ``--method linear`` gives the linear stain and
+``--what despeckled-r`` the despeckled reflectance (:func:`product`; ``--method`` with
+``--what despeckled-r`` is refused as contradictory). ``--despeckle`` despeckles R before
+staining, or names the despeckling model of ``--what despeckled-r``.
+
+An error reaches the user as one line (see :mod:`napari_confocal_stain.cli.common`). ``batch``
 goes on after a slide that fails and lists every failure at the end (exit status 2 if any
 failed). A failed export leaves nothing behind, except after Ctrl-C or on a full disk:
 then its work folder ``.OUT.partial`` is kept and ``--resume`` finishes it.
@@ -20,28 +24,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from napari_confocal_stain._fs import work_folder
-from napari_confocal_stain.cli_common import device, int_at_least
-from napari_confocal_stain.errors import (
-    INTERNAL_ERROR,
-    INTERRUPTED,
-    USER_ERROR,
-    OutputError,
-    explain,
-)
+from napari_confocal_stain.cli.common import Progress, describe_failure, device, int_at_least
+from napari_confocal_stain.errors import INTERRUPTED, USER_ERROR, OutputError, UsageError
 from napari_confocal_stain.models.defaults import DEFAULT_DESPECKLE_MODEL, DEFAULT_STAIN_MODEL
 
-__all__ = ["add_parsers", "main", "run_batch", "run_stain"]
+__all__ = ["add_parsers", "product", "run_batch", "run_stain"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     from napari_confocal_stain.core.tiling import STRATEGIES
 
-    p.add_argument("--method", choices=("linear", "gan"), default="gan", help="default: gan")
+    p.add_argument(
+        "--method",
+        choices=("linear", "gan"),
+        default=None,
+        help="how the stain is made (default: gan); not with --what despeckled-r",
+    )
     p.add_argument(
         "--what",
         choices=("stain", "despeckled-r"),
@@ -129,6 +131,24 @@ def add_parsers(subparsers: Any) -> None:
     batch.set_defaults(func=run_batch)
 
 
+def product(args: argparse.Namespace) -> str:
+    """The export product the options ask for: ``"gan"``, ``"linear"`` or ``"despeckled-r"``.
+
+    Raises
+    ------
+    UsageError
+        ``--method`` together with ``--what despeckled-r`` (no stain is made then).
+    """
+    if args.what == "despeckled-r":
+        if args.method is not None:
+            raise UsageError(
+                f"--method {args.method} makes a stain and --what despeckled-r the despeckled "
+                "reflectance: pass one of them"
+            )
+        return "despeckled-r"
+    return args.method or "gan"
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from napari_confocal_stain.engine.pipeline import StainSettings
 
@@ -142,40 +162,15 @@ def _settings(args: argparse.Namespace) -> Any:
     )
 
 
-class _Bar:
-    """A tqdm bar in output pixels (rate in px/s and ETA) on stderr."""
-
-    def __init__(self, desc: str, quiet: bool) -> None:
-        self.desc, self.quiet, self.bar = desc, quiet, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total, initial=done, desc=self.desc, unit="px", unit_scale=True,
-                file=sys.stderr,
-            )  # fmt: skip
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _export(slide: Path, out: Path, args: argparse.Namespace, scheduler: Any, region: Any) -> Path:
     from napari_confocal_stain.export import export_slide
 
-    bar = _Bar(out.name, args.quiet)
-    try:
+    with Progress(out.name, "px", quiet=args.quiet, unit_scale=True) as bar:
         return export_slide(
             slide,
             out,
             settings=_settings(args),
-            method=args.method,
-            what=args.what,
+            product=product(args),
             region=region,
             tile=args.tile,
             context=args.context,
@@ -186,8 +181,6 @@ def _export(slide: Path, out: Path, args: argparse.Namespace, scheduler: Any, re
             scheduler=scheduler,
             workers=args.workers,
         )
-    finally:
-        bar.close()
 
 
 def run_stain(args: argparse.Namespace) -> int:
@@ -225,6 +218,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from napari_confocal_stain.export.distributed import DaskPool
 
     debug = getattr(args, "debug", False)
+    product(args)  # contradictory options fail before any slide
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise OutputError(args.out_dir, "is a file, not a folder")
     pool = None if args.scheduler is None else DaskPool(args.scheduler, args.workers)
@@ -240,16 +234,10 @@ def run_batch(args: argparse.Namespace) -> int:
             try:
                 print(_export(slide, out, args, scheduler, None))
             except (Exception, KeyboardInterrupt) as exc:
-                message, status = explain(exc, subject=slide)
-                if debug:
-                    import traceback
-
-                    traceback.print_exception(exc, file=sys.stderr)
+                message, status = describe_failure(exc, subject=slide, debug=debug)
                 if status == INTERRUPTED:
                     interrupted = message
                     break
-                if status == INTERNAL_ERROR and not debug:
-                    message += " (run with --debug for the traceback)"
                 # Name the slide when the reason is about something else (its output).
                 failures.append(message if str(slide) in message else f"{slide}: {message}")
     finally:
@@ -266,14 +254,3 @@ def run_batch(args: argparse.Namespace) -> int:
         print(f"confocal-stain batch: {interrupted}", file=sys.stderr)
         return INTERRUPTED
     return USER_ERROR if failures else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``stain``/``batch`` (``python -m napari_confocal_stain.cli_export``): as ``cli``."""
-    from napari_confocal_stain.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
