@@ -252,31 +252,12 @@ def extract_he_crops(
 ) -> list[dict[str, Any]]:
     """Cut tissue crops out of H&E slides resized to 0.75 µm/px (Combalia §2.3.2).
 
-    Parameters
-    ----------
-    slides
-        H&E files (:func:`training.data.read_he`; each is read whole, so use moderately
-        sized images).
-    out
-        Output folder: ``<split>/<slide>_y<Y>_x<X>.png`` and ``manifest.csv``.
-    size, overlap
-        Crop side and overlap at 0.75 µm/px.
-    pseudo
-        Also write the pseudo-confocal R/F of each crop (``…_rf.tif``, no speckle: the
-        trainer adds fresh speckle), so the crop is a known-answer pair (kind ``pseudo``).
-    min_tissue, min_mean
-        As :func:`training.data.extract_crops` on the inverted luma.
-    val_fraction, seed
-        Split by slide.
-    pixel_size_um
-        Overrides every file's pixel size.
-    progress
-        ``progress(done, total)`` per slide.
-
-    Returns
-    -------
-    list of dict
-        The manifest rows.
+    As :func:`extract_cm_crops` (``size``, ``overlap``, ``min_tissue``, ``min_mean`` on the
+    inverted luma, the split by slide, ``progress``; returns the manifest rows) for
+    :func:`training.data.read_he` images, each read whole (so use moderately sized images),
+    into ``<split>/<slide>_y<Y>_x<X>.png``. ``pseudo`` also writes the pseudo-confocal R/F of
+    each crop (``…_rf.tif``, no speckle: the trainer adds fresh speckle), so the crop is a
+    known-answer pair (kind ``pseudo``); ``pixel_size_um`` overrides every file's pixel size.
     """
     out = Path(out)
     _check_output(out, slides)

@@ -57,21 +57,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_confocal_stain.inference import select_device
 from napari_confocal_stain.models import build_model, save_checkpoint
 from napari_confocal_stain.models.registry import DSCM_INPUT
-from training.config import portable_record, write_config
+from training.config import portable_record
 from training.crops import load_crop_regions
 from training.data import (
     PairedCropSampler,
     TissueRegion,
+    band_split_defaults,
     check_disjoint,
     regions_in,
     split_regions,
 )
 from training.images import grid_png, tensor_image
 from training.loop import check_finite, linear_decay, progress_bar, set_lr, stop_iteration
-from training.runstate import RunFolder, load_state, seed_everything
+from training.runstate import RunFolder, Stateful, load_state, start_run
 from training.structure import hematoxylin_loss
 from training.validation import (
     INPUT_ROW,
@@ -123,10 +123,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "pool_size": 50,
     "data": {
-        "he": ["${NCS_DATA}/he/cmu_small_region.svs"],
-        "pixel_size_um": None,
-        "bands": 6,
-        "order": ["source", "target", "heldout"],
+        **band_split_defaults(),
         "source_splits": ["source"],
         "target_splits": ["target"],
         "val_splits": ["heldout"],
@@ -201,10 +198,13 @@ class ImagePool:
     ----------
     size
         Capacity.
+    device
+        Where restored images go.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, device: torch.device | str = "cpu") -> None:
         self.size = int(size)
+        self.device = device
         self.images: list[torch.Tensor] = []
 
     def query(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -225,13 +225,13 @@ class ImagePool:
                 out.append(img)
         return torch.cat(out, 0)
 
-    def state(self) -> list[torch.Tensor]:
+    def state_dict(self) -> list[torch.Tensor]:
         """The stored images (for the resume state)."""
         return [t.cpu() for t in self.images]
 
-    def load(self, images: Sequence[torch.Tensor], device: torch.device) -> None:
-        """Restore :meth:`state`."""
-        self.images = [t.to(device) for t in images]
+    def load_state_dict(self, images: Sequence[torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.images = [t.to(self.device) for t in images]
 
 
 # -------------------------------------------------------------------------------- networks
@@ -300,8 +300,7 @@ def _zero(device: torch.device) -> torch.Tensor:
 class CycleGAN:
     """The four networks of a run, their optimisers, GradScaler, image pools and loss weights.
 
-    :meth:`step` is one iteration of the recipe; :meth:`state` / :meth:`load` are its resume
-    state.
+    :meth:`step` is one iteration of the recipe; :meth:`parts` is what its resume state holds.
     """
 
     G_AB: nn.Module
@@ -323,6 +322,7 @@ class CycleGAN:
         return {"G_AB": self.G_AB, "G_BA": self.G_BA, "D_A": self.D_A, "D_B": self.D_B}
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward passes when ``amp`` is on (see :func:`amp_dtype`)."""
         if self.amp is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp)
@@ -410,29 +410,16 @@ class CycleGAN:
         losses.update(self._discriminators_step(images, rng))
         return images, losses
 
-    def state(self, iteration: int) -> dict[str, Any]:
-        """The resume state after ``iteration`` iterations."""
+    def parts(self) -> dict[str, Stateful]:
+        """What the resume state holds, by key: networks, optimisers, GradScaler, pools."""
         return {
-            "iteration": iteration,
-            **{name: net.state_dict() for name, net in self.nets().items()},
-            "opt_G": self.opt_G.state_dict(),
-            "opt_D": self.opt_D.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "pool_A": self.pool_A.state(),
-            "pool_B": self.pool_B.state(),
+            **self.nets(),
+            "opt_G": self.opt_G,
+            "opt_D": self.opt_D,
+            "scaler": self.scaler,
+            "pool_A": self.pool_A,
+            "pool_B": self.pool_B,
         }
-
-    def load(self, state: Mapping[str, Any]) -> int:
-        """Restore :meth:`state`; the iteration to continue from."""
-        for name, net in self.nets().items():
-            net.load_state_dict(state[name])
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.pool_A.load(state["pool_A"], self.device)
-        self.pool_B.load(state["pool_B"], self.device)
-        return int(state["iteration"])
 
 
 def _build(config: Mapping[str, Any], device: torch.device, init_from: str | None) -> CycleGAN:
@@ -461,8 +448,8 @@ def _build(config: Mapping[str, Any], device: torch.device, init_from: str | Non
         opt_G=torch.optim.Adam([*G_AB.parameters(), *G_BA.parameters()], lr=lr0, betas=betas),
         opt_D=torch.optim.Adam([*D_A.parameters(), *D_B.parameters()], lr=lr0, betas=betas),
         scaler=torch.amp.GradScaler(device.type, enabled=amp is not None),
-        pool_A=ImagePool(config["pool_size"]),
-        pool_B=ImagePool(config["pool_size"]),
+        pool_A=ImagePool(config["pool_size"], device),
+        pool_B=ImagePool(config["pool_size"], device),
         loss=config["loss"],
         conditional=conditional,
         device=device,
@@ -592,7 +579,7 @@ def _train(
         if end_of_epoch:
             last_val = _end_of_epoch(gan, data.val, config, run, done, images)
         if done % int(config["checkpoint_every"]) == 0 or end_of_epoch or done == stop:
-            run.save(gan.state(done))
+            run.save(done, gan.parts())
     return stop, last_val
 
 
@@ -617,17 +604,12 @@ def run_cyclegan(
     dict
         ``{"iteration", "checkpoint", "val": last validation metrics}``.
     """
-    run = RunFolder(config["out"], {"log.csv": LOG_FIELDS, "val.csv": VAL_FIELDS}, resume=resume)
-    run.refuse_existing()
-    write_config(run.out, config)
-    seed = int(config["seed"])
-    seed_everything(seed, config.get("threads"))
-    device = select_device(config.get("device", "auto"), fallback=True)
+    logs = {"log.csv": LOG_FIELDS, "val.csv": VAL_FIELDS}
+    run, device = start_run(config, logs, resume=resume)
     resuming = resume and run.state_path.is_file()
     gan = _build(config, device, None if resuming else config.get("init_from"))
-    state = run.restore()
-    start = 0 if state is None else gan.load(state)
-    data = _load_data(config, seed)
+    start = run.resume(gan.parts())
+    data = _load_data(config, int(config["seed"]))
     if start == 0 and len(data.val):
         for name, m in (
             (INPUT_ROW, validate(None, data.val)),

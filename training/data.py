@@ -51,6 +51,7 @@ __all__ = [
     "RandomFlip",
     "TissueRegion",
     "band_regions",
+    "band_split_defaults",
     "box_mean",
     "check_disjoint",
     "crop_positions",
@@ -484,6 +485,21 @@ def band_regions(
     for k in range(bands):
         out[order[k % len(order)]].append((k * h // bands, (k + 1) * h // bands, 0, w))
     return out
+
+
+def band_split_defaults() -> dict[str, Any]:
+    """The ``data`` entries every command starts from: the CC0 slide in 6 interleaved bands.
+
+    ``he`` (the slides), ``pixel_size_um`` (None: from the file), ``bands`` and ``order``
+    (band ``k`` goes to ``order[k % 3]``), read by :func:`split_regions`. The shipped models
+    were trained and scored on this split; a fresh dict each call.
+    """
+    return {
+        "he": ["${NCS_DATA}/he/cmu_small_region.svs"],
+        "pixel_size_um": None,
+        "bands": 6,
+        "order": ["source", "target", "heldout"],
+    }
 
 
 def split_by_slide(names: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> dict:

@@ -34,6 +34,7 @@ from training.config import portable_record, write_config
 from training.data import (
     PairedCropSampler,
     TissueRegion,
+    band_split_defaults,
     check_disjoint,
     regions_in,
     split_regions,
@@ -41,7 +42,7 @@ from training.data import (
 from training.images import save_png
 from training.loop import linear_decay, progress_bar, set_lr, stop_iteration
 from training.noise import add_speckle, speckle_kwargs
-from training.runstate import RunFolder, seed_everything
+from training.runstate import RunFolder, Stateful, seed_everything
 from training.tables import write_table
 from training.validation import (
     DESPECKLE_METRICS,
@@ -59,10 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": 1,
     "out": "runs/despeckle",
     "data": {
-        "he": ["${NCS_DATA}/he/cmu_small_region.svs"],
-        "pixel_size_um": None,
-        "bands": 6,
-        "order": ["source", "target", "heldout"],
+        **band_split_defaults(),
         "train_splits": ["source", "target"],
         "eval_splits": ["heldout"],
         "extra_eval": [],
@@ -192,26 +190,14 @@ class _Trainer:
         self.opt.step()
         return loss
 
-    def state(self, iteration: int) -> dict[str, Any]:
-        return {
-            "iteration": iteration,
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-        }
-
-    def restore(self, run: RunFolder) -> int:
-        """Load the run's last state if resuming; the iteration to start from."""
-        state = run.restore()
-        if state is None:
-            return 0
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        return int(state["iteration"])
+    def parts(self) -> dict[str, Stateful]:
+        """What the resume state holds, by key."""
+        return {"model": self.model, "optimizer": self.opt}
 
 
 def _train(trainer: _Trainer, tcfg: Mapping[str, Any], run: RunFolder, progress: bool) -> None:
     """The loop: from the restored iteration to ``stop_at`` or the end, logging and saving."""
-    start = trainer.restore(run)
+    start = run.resume(trainer.parts())
     total, batch, crop = int(tcfg["iterations"]), int(tcfg["batch_size"]), int(tcfg["crop"])
     decay_start = float(tcfg.get("decay_start", 1.0)) * total
     stop = stop_iteration(total, tcfg.get("stop_at"))
@@ -228,7 +214,7 @@ def _train(trainer: _Trainer, tcfg: Mapping[str, Any], run: RunFolder, progress:
             log.write({"iteration": done, "loss": loss.item(), "lr": lr, "seconds": seconds})
             bar.set_postfix(loss=f"{loss.item():.2e}")
         if done % int(tcfg["checkpoint_every"]) == 0 or done == stop:
-            run.save(trainer.state(done))
+            run.save(done, trainer.parts())
 
 
 def train_variant(

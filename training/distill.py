@@ -41,14 +41,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_confocal_stain.inference import load_model, select_device, stain_region
+from napari_confocal_stain.inference import load_model, stain_region
 from napari_confocal_stain.models import build_model, save_checkpoint
 from napari_confocal_stain.models.flops import flops_per_pixel
 from napari_confocal_stain.models.registry import DSCM_INPUT
-from training.config import portable_record, write_config
+from training.config import portable_record
 from training.data import (
     RandomFlip,
     TissueRegion,
+    band_split_defaults,
     check_disjoint,
     dscm_tensor,
     pseudo_confocal,
@@ -57,7 +58,7 @@ from training.data import (
 )
 from training.images import grid_png
 from training.loop import check_finite, linear_decay, progress_bar, set_lr, stop_iteration
-from training.runstate import RunFolder, seed_everything
+from training.runstate import RunFolder, Stateful, start_run
 from training.structure import hematoxylin_loss
 from training.validation import (
     INPUT_ROW,
@@ -83,10 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "optim": {"lr": 2e-3, "betas": [0.9, 0.999]},
     "schedule": {"iterations": 2000, "decay_start": 1000, "crop": 256, "batch_size": 4},
     "data": {
-        "he": ["${NCS_DATA}/he/cmu_small_region.svs"],
-        "pixel_size_um": None,
-        "bands": 6,
-        "order": ["source", "target", "heldout"],
+        **band_split_defaults(),
         "train_splits": ["source", "target"],
         "val_splits": ["heldout"],
         "min_tissue": 0.3,
@@ -205,21 +203,9 @@ class _Distiller:
     flops_ratio: float
     """Student ÷ teacher FLOPs per pixel."""
 
-    def state(self, iteration: int) -> dict[str, Any]:
-        return {
-            "iteration": iteration,
-            "student": self.student.state_dict(),
-            "opt": self.opt.state_dict(),
-        }
-
-    def restore(self, run: RunFolder) -> int:
-        """Load the run's last state if resuming; the iteration to start from."""
-        state = run.restore()
-        if state is None:
-            return 0
-        self.student.load_state_dict(state["student"])
-        self.opt.load_state_dict(state["opt"])
-        return int(state["iteration"])
+    def parts(self) -> dict[str, Stateful]:
+        """What the resume state holds, by key."""
+        return {"student": self.student, "opt": self.opt}
 
 
 def _build(config: Mapping[str, Any], device: torch.device) -> _Distiller:
@@ -322,7 +308,7 @@ def _train(
             last_val = validate(student, val)
             run.logs["val.csv"].write({"iteration": done, "model": "student", **last_val})
         if done % int(config["checkpoint_every"]) == 0 or done == stop:
-            run.save(model.state(done))
+            run.save(done, model.parts())
     return stop, last_val
 
 
@@ -373,15 +359,11 @@ def run_distill(
     dict
         ``{"iteration", "checkpoint", "val", "flops_ratio"}`` (student ÷ teacher FLOPs/px).
     """
-    run = RunFolder(config["out"], {"log.csv": LOG_FIELDS, "val.csv": VAL_FIELDS}, resume=resume)
-    run.refuse_existing()
-    write_config(run.out, config)
-    seed = int(config["seed"])
-    seed_everything(seed, config.get("threads"))
-    device = select_device(config.get("device", "auto"), fallback=True)
+    logs = {"log.csv": LOG_FIELDS, "val.csv": VAL_FIELDS}
+    run, device = start_run(config, logs, resume=resume)
     model = _build(config, device)
-    start = model.restore(run)
-    items, val = _labelled_data(config, model.teacher, seed, device)
+    start = run.resume(model.parts())
+    items, val = _labelled_data(config, model.teacher, int(config["seed"]), device)
     if start == 0 and len(val):
         for name, reference in ((INPUT_ROW, None), ("teacher", model.teacher)):
             run.logs["val.csv"].write({"iteration": 0, "model": name, **validate(reference, val)})

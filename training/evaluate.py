@@ -14,7 +14,13 @@ from typing import Any
 from torch import nn
 
 from napari_confocal_stain.inference import load_model
-from training.data import TissueRegion, load_he_regions, regions_in, split_regions
+from training.data import (
+    TissueRegion,
+    band_split_defaults,
+    load_he_regions,
+    regions_in,
+    split_regions,
+)
 from training.runstate import seed_everything
 from training.tables import write_table
 from training.validation import (
@@ -46,10 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "stain": ["stain-unet"],
     "despeckle": ["despeckle-combalia"],
     "data": {
-        "he": ["${NCS_DATA}/he/cmu_small_region.svs"],
-        "pixel_size_um": None,
-        "bands": 6,
-        "order": ["source", "target", "heldout"],
+        **band_split_defaults(),
         "splits": ["heldout"],
         "extra_eval": [],
         "extra_he": [],

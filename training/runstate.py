@@ -17,7 +17,7 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,9 +26,11 @@ from safetensors.torch import save as st_save
 
 from napari_confocal_stain._fs import write_atomic
 from napari_confocal_stain.errors import CheckpointError
+from napari_confocal_stain.inference import select_device
+from training.config import write_config
 from training.tables import CsvLog
 
-__all__ = ["RunFolder", "load_state", "save_state", "seed_everything"]
+__all__ = ["RunFolder", "Stateful", "load_state", "save_state", "seed_everything", "start_run"]
 
 STATE_KEY = "training_state"
 
@@ -149,6 +151,14 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
 # ------------------------------------------------------------------------------- run folder
 
 
+class Stateful(Protocol):
+    """What a resume state is made of: models, optimizers, a GradScaler, image pools."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
 class RunFolder:
     """A trainer's output folder: ``state.safetensors`` and the CSV logs that go with it.
 
@@ -169,24 +179,24 @@ class RunFolder:
         self.out = Path(out)
         self.state_path = self.out / "state.safetensors"
         self.logs = {name: CsvLog(self.out / name, fields) for name, fields in logs.items()}
-        self.resume = resume
+        self.resuming = resume
 
     def refuse_existing(self) -> None:
         """Raise ``FileExistsError`` if the folder holds a run and we are not resuming."""
-        if self.state_path.exists() and not self.resume:
+        if self.state_path.exists() and not self.resuming:
             raise FileExistsError(
                 f"{self.out} already holds a run (state.safetensors); pass --resume to "
                 f"continue it or choose another --out"
             )
 
-    def restore(self) -> dict[str, Any] | None:
+    def _restore(self) -> dict[str, Any] | None:
         """The saved state when resuming, else None.
 
         Resuming drops the log rows from the state's next iteration on (the resumed run
         writes them again); otherwise stale logs and state of an earlier run are removed, so
         a fresh run starts from empty files.
         """
-        if self.resume and self.state_path.is_file():
+        if self.resuming and self.state_path.is_file():
             state = load_state(self.state_path)
             for log in self.logs.values():
                 log.truncate_from("iteration", int(state["iteration"]) + 1)
@@ -197,6 +207,38 @@ class RunFolder:
             self.state_path.unlink()
         return None
 
-    def save(self, state: Mapping[str, Any]) -> Path:
-        """Write ``state`` (with its ``iteration``) as ``state.safetensors``."""
+    def resume(self, parts: Mapping[str, Stateful]) -> int:
+        """Load the last state into ``parts`` when resuming; the iteration to start from.
+
+        ``parts`` maps state keys to objects with ``load_state_dict`` (models, optimizers,
+        a GradScaler, image pools), loaded in order. A part saved empty (a disabled GradScaler,
+        an empty pool) is left as built. A fresh run starts at 0 (see :meth:`_restore`).
+        """
+        state = self._restore()
+        if state is None:
+            return 0
+        for key, part in parts.items():
+            if len(state[key]):
+                part.load_state_dict(state[key])
+        return int(state["iteration"])
+
+    def save(self, iteration: int, parts: Mapping[str, Stateful]) -> Path:
+        """Write ``state.safetensors``: the iteration and every part's ``state_dict()``."""
+        state = {"iteration": iteration, **{k: p.state_dict() for k, p in parts.items()}}
         return save_state(self.state_path, state)
+
+
+def start_run(
+    config: Mapping[str, Any], logs: Mapping[str, Sequence[str]], *, resume: bool
+) -> tuple[RunFolder, torch.device]:
+    """Open a trainer's run in ``config["out"]`` and seed it; its folder and device.
+
+    Refuses an existing run unless resuming, records ``config.json``, seeds Python and torch
+    (``config["seed"]``, ``config["threads"]``) and picks ``config["device"]``, falling back
+    to the CPU when the requested device is missing.
+    """
+    run = RunFolder(config["out"], logs, resume=resume)
+    run.refuse_existing()
+    write_config(run.out, config)
+    seed_everything(int(config["seed"]), config.get("threads"))
+    return run, select_device(config.get("device", "auto"), fallback=True)
