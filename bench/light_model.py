@@ -11,7 +11,7 @@ strategy, as the viewer runs them:
 * **quality** — the held-out bands (2 and 5 of 6, never used in training) as pseudo-confocal
   pairs, each band stained whole by ``stain_region`` (seamless), then scored on the
   non-overlapping 256² tissue tiles of the band against the true H&E: SSIM, LBP χ²
-  (``training.evaluate.stain_metrics``) and nuclei preserved (LoG nuclei of F matched in the
+  (``training.validation.stain_metrics``) and nuclei preserved (LoG nuclei of F matched in the
   output's hematoxylin).
 
 Targets: student ≥ 2 MP/s; its SSIM and LBP χ² within 5 % of the teacher's. The ratios
@@ -73,7 +73,7 @@ def viewport(regions: dict, height: int, width: int) -> np.ndarray:
 def quality(model: torch.nn.Module, held: list, precision: str) -> dict:
     """SSIM / LBP χ² / nuclei of ``model`` vs the true H&E on held-out bands (seamless)."""
     from training.data import tile_grid_regions
-    from training.evaluate import aggregate_stain_metrics, stain_metrics
+    from training.validation import aggregate_stain_metrics, stain_metrics
 
     per_tile = []
     for k, region in enumerate(held):

@@ -22,6 +22,7 @@ import torch
 
 from napari_confocal_stain.inference import load_model
 from training.__main__ import build_parser, main
+from training.crops import load_crop_regions
 from training.data import (
     CropDataset,
     PairedCropSampler,
@@ -30,7 +31,6 @@ from training.data import (
     band_regions,
     extract_crops,
     hed_scale,
-    load_crop_regions,
     load_he_regions,
     pseudo_confocal,
     read_he,

@@ -1,10 +1,15 @@
 """Reproduce and retrain the napari-confocal-stain models.
 
 Run ``python -m training --help``. The architectures come from
-:mod:`napari_confocal_stain.models` (imported, never copied); this package adds the data
-preparation (:mod:`training.data`), speckle models (:mod:`training.noise`), the despeckling
-and CycleGAN trainers (:mod:`training.despeckle`, :mod:`training.cyclegan`), the
-structure-preserving losses (:mod:`training.structure`), distillation into a light generator
-(:mod:`training.distill`), the thesis's GAN proof of concept (:mod:`training.gan_poc`) and
-evaluation tables (:mod:`training.evaluate`). See ``docs/training.md``.
+:mod:`napari_confocal_stain.models` (imported, never copied); this package adds, one module
+per concept (``docs/training.md`` has the map):
+
+* the commands — :mod:`training.crops` (``extract-crops``), :mod:`training.despeckle`,
+  :mod:`training.cyclegan`, :mod:`training.distill`, :mod:`training.gan_poc` and
+  :mod:`training.evaluate`, registered in :mod:`training.__main__`;
+* what they share — :mod:`training.data` (regions, splits, pseudo-confocal pairs, samplers),
+  :mod:`training.noise` (speckle), :mod:`training.structure` (the hematoxylin loss),
+  :mod:`training.validation` (held-out scores and their columns), :mod:`training.config`,
+  :mod:`training.runstate` (resume), :mod:`training.loop`, :mod:`training.tables` (CSV /
+  Markdown) and :mod:`training.images` (PNG).
 """

@@ -1,6 +1,6 @@
-"""CycleGAN stain training: linear stain (DSCM) ↔ H&E, unpaired (thesis §3.3, Combalia §2.2).
+"""``python -m training cyclegan``: linear stain (DSCM) ↔ H&E, unpaired CycleGAN (thesis §3.3).
 
-Faithful to the published recipe (see ``docs/training.md``):
+Faithful to the published recipe (Combalia §2.2; see ``docs/training.md``):
 
 * two generators ``G_AB`` (DSCM → H&E, the one the plugin ships) and ``G_BA`` (H&E → DSCM),
   any registered architecture (``unet``, ``unet-light``, ``resnet``, ``affine`` — the affine
@@ -18,7 +18,8 @@ Faithful to the published recipe (see ``docs/training.md``):
   bf16 autocast (+ GradScaler) on any device, the CPU included (this is how the tests exercise
   the mixed-precision path without a GPU); otherwise fp32.
 
-Structure-preserving options (issue 8; all off by default, so the default *is* the recipe):
+Structure-preserving options (all off by default, so the default *is* the recipe; their
+comparison is in ``docs/training.md``, "Keeping nuclei"):
 
 * ``loss.lambda_hema`` — weight of :func:`training.structure.hematoxylin_loss` on ``G_AB``'s
   output: the local contrast of its hematoxylin density (differentiable colour deconvolution)
@@ -33,7 +34,8 @@ Structure-preserving options (issue 8; all off by default, so the default *is* t
 
 An "epoch" is ``iters_per_epoch`` iterations of random tissue crops. Sample ``i`` of a run
 is drawn from ``default_rng([seed, i])`` (see :mod:`training.data`), so a run resumed from
-its last state continues exactly as the uninterrupted run would have.
+its last state continues exactly as the uninterrupted run would have
+(:class:`training.runstate.RunFolder`).
 
 Outputs in ``out``: ``config.json``, ``log.csv`` (losses every ``log_every`` iterations),
 ``val.csv`` (per epoch: SSIM / LBP χ² against the input and the true H&E, nuclei
@@ -45,56 +47,51 @@ checkpoint: ``load_model(out / "G_AB.safetensors")``).
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from napari_confocal_stain.inference import select_device
 from napari_confocal_stain.models import build_model, save_checkpoint
 from napari_confocal_stain.models.registry import DSCM_INPUT
+from training.config import portable_record
+from training.crops import load_crop_regions
 from training.data import (
     PairedCropSampler,
     TissueRegion,
-    dscm_tensor,
-    load_crop_regions,
-    load_he_regions,
-    pseudo_confocal,
-    tile_grid_regions,
+    band_split_defaults,
+    check_disjoint,
+    regions_in,
+    split_regions,
 )
-from training.evaluate import (
-    aggregate_stain_metrics,
-    run_generator,
-    save_png,
-    stain_metrics,
-)
-from training.runstate import (
-    CsvLog,
-    load_state,
-    portable_paths,
-    save_state,
-    seed_everything,
-    write_atomic,
-)
+from training.images import grid_png, tensor_image
+from training.loop import check_finite, linear_decay, progress_bar, set_lr, stop_iteration
+from training.runstate import RunFolder, Stateful, load_state, start_run
 from training.structure import hematoxylin_loss
+from training.validation import (
+    INPUT_ROW,
+    STAIN_METRICS,
+    TRUTH_ROW,
+    ValidationSet,
+    make_validation_set,
+    sample_rows,
+    truth_reference,
+    validate,
+)
 
 __all__ = [
     "DEFAULTS",
+    "CycleGAN",
     "ImagePool",
-    "ValidationSet",
     "amp_dtype",
     "crop_size_at",
     "lr_factor",
-    "make_validation_set",
     "run_cyclegan",
-    "validate",
 ]
 
 DEFAULTS: dict[str, Any] = {
@@ -126,10 +123,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "pool_size": 50,
     "data": {
-        "he": ["${NCS_DATA}/he/cmu_small_region.svs"],
-        "pixel_size_um": None,
-        "bands": 6,
-        "order": ["source", "target", "heldout"],
+        **band_split_defaults(),
         "source_splits": ["source"],
         "target_splits": ["target"],
         "val_splits": ["heldout"],
@@ -164,21 +158,7 @@ LOG_FIELDS = (
     "loss_D_B",
     "seconds",
 )
-VAL_FIELDS = (
-    "epoch",
-    "iteration",
-    "model",
-    "tiles",
-    "ssim_truth",
-    "lbp_chi2_truth",
-    "ssim_input",
-    "lbp_chi2_input",
-    "nuclei_f",
-    "nuclei_output",
-    "nuclei_matched",
-    "nuclei_preserved",
-    "nuclei_invented",
-)
+VAL_FIELDS = ("epoch", "iteration", "model", *STAIN_METRICS)
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -201,10 +181,7 @@ def lr_factor(schedule: Mapping[str, Any], epoch_float: float) -> float:
     ``1 − max(0, e − decay_start) / (epochs − decay_start + 1)`` with fractional epochs ``e``
     (per iteration rather than per epoch: the same line, without steps).
     """
-    start, total = float(schedule["decay_start"]), float(schedule["epochs"])
-    if total <= start:
-        return 1.0
-    return max(0.0, 1.0 - max(0.0, epoch_float - start) / (total - start + 1.0))
+    return linear_decay(epoch_float, float(schedule["decay_start"]), float(schedule["epochs"]))
 
 
 # ------------------------------------------------------------------------------ image pool
@@ -221,10 +198,13 @@ class ImagePool:
     ----------
     size
         Capacity.
+    device
+        Where restored images go.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, device: torch.device | str = "cpu") -> None:
         self.size = int(size)
+        self.device = device
         self.images: list[torch.Tensor] = []
 
     def query(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -245,127 +225,16 @@ class ImagePool:
                 out.append(img)
         return torch.cat(out, 0)
 
-    def state(self) -> list[torch.Tensor]:
+    def state_dict(self) -> list[torch.Tensor]:
         """The stored images (for the resume state)."""
         return [t.cpu() for t in self.images]
 
-    def load(self, images: Sequence[torch.Tensor], device: torch.device) -> None:
-        """Restore :meth:`state`."""
-        self.images = [t.to(device) for t in images]
+    def load_state_dict(self, images: Sequence[torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.images = [t.to(self.device) for t in images]
 
 
-# ------------------------------------------------------------------------------ validation
-
-
-class ValidationSet:
-    """Held-out pseudo-confocal tiles with their true H&E (or confocal tiles without).
-
-    Attributes
-    ----------
-    dscm
-        ``(3, s, s)`` inputs in [-1, 1].
-    f
-        ``(s, s)`` fluorescence (for nuclei).
-    truth
-        ``(s, s, 3)`` true H&E in [0, 1], or None for real confocal tiles.
-    """
-
-    def __init__(self, dscm: list, f: list, truth: list | None) -> None:
-        self.dscm, self.f, self.truth = dscm, f, truth
-
-    def __len__(self) -> int:
-        return len(self.dscm)
-
-
-def make_validation_set(
-    regions: Sequence[TissueRegion],
-    size: int,
-    count: int,
-    *,
-    min_tissue: float = 0.5,
-    speckle: Mapping[str, Any] | None = None,
-    seed: int = 0,
-) -> ValidationSet:
-    """Non-overlapping tissue tiles of held-out regions as pseudo-confocal pairs.
-
-    Tile ``i``'s speckle uses ``default_rng([seed, 4, i])``: every epoch and every model is
-    scored on the very same inputs. Confocal regions (``modes``) give tiles without truth.
-    """
-    dscm, fs, truth = [], [], []
-    for i, (region, y, x) in enumerate(tile_grid_regions(regions, size, min_tissue, count)):
-        if region.modes is not None:
-            r, f = (region.modes[y : y + size, x : x + size, c] for c in (0, 1))
-            truth = None
-        else:
-            rgb = region.rgb[y : y + size, x : x + size]
-            rng = np.random.default_rng([seed, 4, i])
-            r, f = pseudo_confocal(rgb, region.hed_scale, rng, speckle=speckle)
-            if truth is not None:
-                truth.append(rgb)
-        dscm.append(dscm_tensor(r, f))
-        fs.append(f)
-    return ValidationSet(dscm, fs, truth)
-
-
-def validate(generator: nn.Module | None, val: ValidationSet) -> dict[str, float]:
-    """Aggregate stain metrics of ``generator`` on ``val`` (None: score the input itself)."""
-    per_tile = []
-    was_training = generator.training if generator is not None else False
-    if generator is not None:
-        generator.eval()
-    for i, x in enumerate(val.dscm):
-        dscm01 = (x.transpose(1, 2, 0) + 1.0) / 2.0
-        out = dscm01 if generator is None else run_generator(generator, x)
-        truth = val.truth[i] if val.truth is not None else None
-        per_tile.append(stain_metrics(dscm01, out, val.f[i], truth))
-    if generator is not None and was_training:
-        generator.train()
-    return aggregate_stain_metrics(per_tile)
-
-
-def _truth_reference(val: ValidationSet) -> dict[str, float] | None:
-    """Metrics of the true H&E as if it were the output: the ceiling a model can reach."""
-    if val.truth is None:
-        return None
-    per_tile = [
-        stain_metrics((x.transpose(1, 2, 0) + 1) / 2, t, f, t)
-        for x, f, t in zip(val.dscm, val.f, val.truth, strict=True)
-    ]
-    return aggregate_stain_metrics(per_tile)
-
-
-# -------------------------------------------------------------------------------- training
-
-
-def _regions(config: Mapping[str, Any]) -> tuple[list, list, list, str]:
-    """Source, target and validation regions, and the source sample kind."""
-    d = config["data"]
-    he_regions = None
-    if d.get("he"):
-        he_regions = load_he_regions(
-            d["he"], bands=int(d["bands"]), order=d["order"], pixel_size_um=d.get("pixel_size_um")
-        )
-
-    def pick(splits: Sequence[str]) -> list[TissueRegion]:
-        if he_regions is None:
-            return []
-        return [r for s in splits for r in he_regions[s]]
-
-    if d.get("cm_crops"):
-        source, kind = load_crop_regions(d["cm_crops"], "train", "cm"), "cm"
-        val = load_crop_regions(d["cm_crops"], "val", "cm")
-    else:
-        source, kind, val = pick(d["source_splits"]), "pseudo", pick(d["val_splits"])
-    target = (
-        load_crop_regions(d["he_crops"], "train")
-        if d.get("he_crops")
-        else pick(d["target_splits"])
-    )
-    boxes = [{(r.slide, r.box) for r in rs} for rs in (source, target, val)]
-    shared = (boxes[0] & boxes[1]) | (boxes[0] & boxes[2]) | (boxes[1] & boxes[2])
-    if shared:
-        raise ValueError(f"source, target and validation regions overlap: {sorted(shared)}")
-    return source, target, val, kind
+# -------------------------------------------------------------------------------- networks
 
 
 def amp_dtype(amp: Any, device: torch.device) -> torch.dtype | None:
@@ -423,19 +292,295 @@ def _set_requires_grad(nets: Sequence[nn.Module], flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def _grid_png(path: Path, rows: list[list[np.ndarray]]) -> None:
-    """Tile HWC [0, 1] images into a grid and save it."""
-    lines = [np.concatenate(r, axis=1) for r in rows]
-    width = max(line.shape[1] for line in lines)
-    lines = [
-        np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0)), constant_values=1)
-        for line in lines
-    ]
-    save_png(path, np.concatenate(lines, axis=0))
+def _zero(device: torch.device) -> torch.Tensor:
+    return torch.zeros((), device=device)
 
 
-def _to_img(t: torch.Tensor) -> np.ndarray:
-    return np.clip((t.detach().float().cpu().numpy().transpose(1, 2, 0) + 1) / 2, 0, 1)
+@dataclass
+class CycleGAN:
+    """The four networks of a run, their optimisers, GradScaler, image pools and loss weights.
+
+    :meth:`step` is one iteration of the recipe; :meth:`parts` is what its resume state holds.
+    """
+
+    G_AB: nn.Module
+    G_BA: nn.Module
+    D_A: nn.Module
+    D_B: nn.Module
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    pool_A: ImagePool
+    pool_B: ImagePool
+    loss: Mapping[str, Any]
+    conditional: bool
+    device: torch.device
+    amp: torch.dtype | None
+
+    def nets(self) -> dict[str, nn.Module]:
+        """The networks by their state names."""
+        return {"G_AB": self.G_AB, "G_BA": self.G_BA, "D_A": self.D_A, "D_B": self.D_B}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward passes when ``amp`` is on (see :func:`amp_dtype`)."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+
+    def _generators_step(
+        self, real_A: torch.Tensor, real_B: torch.Tensor, f: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        """Generators: fool the (frozen) discriminators, cycle back, keep identity."""
+        l1, mse = nn.functional.l1_loss, nn.functional.mse_loss
+        lam_cycle, lam_idt = float(self.loss["lambda_cycle"]), float(self.loss["lambda_identity"])
+        lam_hema = float(self.loss.get("lambda_hema", 0.0))
+        _set_requires_grad([self.D_A, self.D_B], False)
+        with self.autocast():
+            fake_B = self.G_AB(real_A)
+            rec_A = self.G_BA(fake_B)
+            fake_A = self.G_BA(real_B)
+            rec_B = self.G_AB(fake_A)
+            pred_fb = self.D_B(torch.cat([real_A, fake_B], 1) if self.conditional else fake_B)
+            pred_fa = self.D_A(fake_A)
+            gan_AB = mse(pred_fb, torch.ones_like(pred_fb))
+            gan_BA = mse(pred_fa, torch.ones_like(pred_fa))
+            cyc_A = l1(rec_A, real_A) * lam_cycle
+            cyc_B = l1(rec_B, real_B) * lam_cycle
+            if lam_idt > 0:
+                idt_A = l1(self.G_AB(real_B), real_B) * lam_idt
+                idt_B = l1(self.G_BA(real_A), real_A) * lam_idt
+            else:
+                idt_A = idt_B = _zero(self.device)
+            if lam_hema > 0:
+                window = int(self.loss.get("hema_window", 15))
+                hema = lam_hema * hematoxylin_loss(fake_B, f.to(self.device), window=window)
+            else:
+                hema = _zero(self.device)
+            loss_G = gan_AB + gan_BA + cyc_A + cyc_B + idt_A + idt_B + hema
+        self.opt_G.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_G).backward()
+        self.scaler.step(self.opt_G)
+        losses = {
+            "loss_G": loss_G,
+            "gan_AB": gan_AB,
+            "gan_BA": gan_BA,
+            "cycle_A": cyc_A,
+            "cycle_B": cyc_B,
+            "idt_A": idt_A,
+            "idt_B": idt_B,
+            "hema": hema,
+        }
+        return (real_A, fake_B, rec_A, real_B, fake_A, rec_B), losses
+
+    def _discriminators_step(
+        self, images: tuple[torch.Tensor, ...], rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Discriminators: real → 1, (pooled) fake → 0, loss halved."""
+        mse = nn.functional.mse_loss
+        real_A, fake_B, _, real_B, fake_A, _ = images
+        _set_requires_grad([self.D_A, self.D_B], True)
+        if self.conditional:
+            # Real pairs: (G_BA(B), B) — the DSCM that H&E "came from" by the other generator.
+            pooled_B = self.pool_B.query(torch.cat([real_A, fake_B.float()], 1), rng)
+            real_pair_B = torch.cat([fake_A.detach().float(), real_B], 1)
+        else:
+            pooled_B = self.pool_B.query(fake_B.float(), rng)
+            real_pair_B = real_B
+        pooled_A = self.pool_A.query(fake_A.float(), rng)
+        with self.autocast():
+            pr, pf = self.D_B(real_pair_B), self.D_B(pooled_B)
+            loss_D_B = 0.5 * (mse(pr, torch.ones_like(pr)) + mse(pf, torch.zeros_like(pf)))
+            pr, pf = self.D_A(real_A), self.D_A(pooled_A)
+            loss_D_A = 0.5 * (mse(pr, torch.ones_like(pr)) + mse(pf, torch.zeros_like(pf)))
+        self.opt_D.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_D_A + loss_D_B).backward()
+        self.scaler.step(self.opt_D)
+        self.scaler.update()
+        return {"loss_D_A": loss_D_A, "loss_D_B": loss_D_B}
+
+    def step(
+        self, real_A: torch.Tensor, real_B: torch.Tensor, f: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        """One iteration on a batch of DSCM ``real_A`` (nuclear signal ``f``) and H&E ``real_B``.
+
+        ``rng`` draws the image pools' choices. Returns the images of the sample grid's first
+        row (real A, fake B, reconstructed A, real B, fake A, reconstructed B) and the losses.
+        """
+        images, losses = self._generators_step(real_A, real_B, f)
+        losses.update(self._discriminators_step(images, rng))
+        return images, losses
+
+    def parts(self) -> dict[str, Stateful]:
+        """What the resume state holds, by key: networks, optimisers, GradScaler, pools."""
+        return {
+            **self.nets(),
+            "opt_G": self.opt_G,
+            "opt_D": self.opt_D,
+            "scaler": self.scaler,
+            "pool_A": self.pool_A,
+            "pool_B": self.pool_B,
+        }
+
+
+def _build(config: Mapping[str, Any], device: torch.device, init_from: str | None) -> CycleGAN:
+    """Fresh networks (those of ``init_from``'s state where given) and their optimisers."""
+    amp = amp_dtype(config.get("amp", "auto"), device)
+    gen, disc = config["generator"], config["discriminator"]
+    G_AB = build_model(gen["name"], **gen.get("kwargs", {})).to(device)
+    G_BA = build_model(gen["name"], **gen.get("kwargs", {})).to(device)
+    D_A = build_model(disc["name"], **disc.get("kwargs", {})).to(device)
+    conditional = bool(disc.get("conditional", False))
+    d_kwargs = dict(disc.get("kwargs", {}))
+    if conditional:
+        d_kwargs["in_channels"] = 6  # (DSCM, H&E) pairs
+    D_B = build_model(disc["name"], **d_kwargs).to(device)
+    if init_from:
+        nets = {"G_AB": G_AB, "G_BA": G_BA, "D_A": D_A, "D_B": D_B}
+        if "G_AB" not in _init_from(init_from, nets, device):
+            raise ValueError(f"init_from {init_from}: no compatible G_AB in the file")
+    betas = tuple(config["optim"]["betas"])
+    lr0 = float(config["optim"]["lr"])
+    return CycleGAN(
+        G_AB=G_AB,
+        G_BA=G_BA,
+        D_A=D_A,
+        D_B=D_B,
+        opt_G=torch.optim.Adam([*G_AB.parameters(), *G_BA.parameters()], lr=lr0, betas=betas),
+        opt_D=torch.optim.Adam([*D_A.parameters(), *D_B.parameters()], lr=lr0, betas=betas),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp is not None),
+        pool_A=ImagePool(config["pool_size"], device),
+        pool_B=ImagePool(config["pool_size"], device),
+        loss=config["loss"],
+        conditional=conditional,
+        device=device,
+        amp=amp,
+    )
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def _regions(config: Mapping[str, Any]) -> tuple[list, list, list, str]:
+    """Source, target and validation regions, and the source sample kind."""
+    d = config["data"]
+    he_regions = split_regions(d) if d.get("he") else None
+
+    def pick(splits: Sequence[str]) -> list[TissueRegion]:
+        return [] if he_regions is None else regions_in(he_regions, splits)
+
+    if d.get("cm_crops"):
+        source, kind = load_crop_regions(d["cm_crops"], "train", "cm"), "cm"
+        val = load_crop_regions(d["cm_crops"], "val", "cm")
+    else:
+        source, kind, val = pick(d["source_splits"]), "pseudo", pick(d["val_splits"])
+    target = (
+        load_crop_regions(d["he_crops"], "train")
+        if d.get("he_crops")
+        else pick(d["target_splits"])
+    )
+    check_disjoint({"source": source, "target": target, "validation": val})
+    return source, target, val, kind
+
+
+@dataclass
+class _Data:
+    """Where a run's batches and validation tiles come from."""
+
+    sampler_A: PairedCropSampler
+    sampler_B: PairedCropSampler
+    val: ValidationSet
+
+
+def _load_data(config: Mapping[str, Any], seed: int) -> _Data:
+    source, target, val_regions, kind = _regions(config)
+    d = config["data"]
+    min_tissue = float(d["min_tissue"])
+    val = make_validation_set(
+        val_regions,
+        int(d["val_tile"]),
+        int(d["val_tiles"]),
+        min_tissue=float(d["val_min_tissue"]),
+        speckle=d.get("speckle"),
+        seed=seed,
+    )
+    return _Data(
+        PairedCropSampler(source, kind, seed, min_tissue=min_tissue, speckle=d.get("speckle")),
+        PairedCropSampler(target, "he", seed + 1, min_tissue=min_tissue),
+        val,
+    )
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def _end_of_epoch(
+    gan: CycleGAN,
+    val: ValidationSet,
+    config: Mapping[str, Any],
+    run: RunFolder,
+    done: int,
+    images: tuple[torch.Tensor, ...],
+) -> dict[str, float]:
+    """Validate, save the epoch's sample grid and ``G_AB.safetensors``; the metrics."""
+    epoch = done // int(config["schedule"]["iters_per_epoch"])
+    rows = [[tensor_image(t[0]) for t in images]]
+    metrics: dict[str, float] = {}
+    if len(val):
+        metrics = validate(gan.G_AB, val)
+        run.logs["val.csv"].write({"epoch": epoch, "iteration": done, "model": "G_AB", **metrics})
+        rows += sample_rows(val, [gan.G_AB], int(config["sample_tiles"]))
+    grid_png(run.out / "samples" / f"epoch_{epoch:03d}.png", rows)
+    _export(run.out / "G_AB.safetensors", gan.G_AB, config, done, metrics)
+    return metrics
+
+
+def _train(
+    gan: CycleGAN,
+    data: _Data,
+    config: Mapping[str, Any],
+    run: RunFolder,
+    start: int,
+    progress: bool,
+) -> tuple[int, dict[str, float]]:
+    """Iterations ``start`` … ``stop_at`` or the end; the last one done and validation."""
+    sched, seed = config["schedule"], int(config["seed"])
+    ipe, batch = int(sched["iters_per_epoch"]), int(sched["batch_size"])
+    total = ipe * int(sched["epochs"])
+    stop = stop_iteration(total, config.get("stop_at"))
+    lr0 = float(config["optim"]["lr"])
+    for net in gan.nets().values():
+        net.train()
+    last_val: dict[str, float] = {}
+    t0 = time.perf_counter()
+    current_crop = crop_size_at(sched, start // ipe) if start < total else None
+    bar = progress_bar(start, stop, total, "cyclegan", progress)
+    for it in bar:
+        crop = crop_size_at(sched, it // ipe)
+        if crop != current_crop:  # pooled images of the old size would not stack
+            gan.pool_A.images.clear()
+            gan.pool_B.images.clear()
+            current_crop = crop
+        lr = lr0 * lr_factor(sched, it / ipe)
+        set_lr([gan.opt_G, gan.opt_D], lr)
+        idx = range(it * batch, (it + 1) * batch)
+        batch_A = data.sampler_A.batch(idx, crop)
+        real_B = data.sampler_B.batch(idx, crop)["he"].to(gan.device)
+        rng = np.random.default_rng([seed, 3, it])
+        images, losses = gan.step(batch_A["dscm"].to(gan.device), real_B, batch_A["f"], rng)
+        done = it + 1
+        if done % int(config["log_every"]) == 0 or done == total:
+            values = {"iteration": done, "epoch": done / ipe, "crop": crop, "lr": lr}
+            values.update({k: v.item() for k, v in losses.items()})
+            values["seconds"] = time.perf_counter() - t0
+            check_finite(values, done)
+            run.logs["log.csv"].write(values)
+            bar.set_postfix(G=f"{values['loss_G']:.3f}", D=f"{values['loss_D_B']:.3f}")
+        end_of_epoch = done % ipe == 0
+        if end_of_epoch:
+            last_val = _end_of_epoch(gan, data.val, config, run, done, images)
+        if done % int(config["checkpoint_every"]) == 0 or end_of_epoch or done == stop:
+            run.save(done, gan.parts())
+    return stop, last_val
 
 
 def run_cyclegan(
@@ -459,241 +604,24 @@ def run_cyclegan(
     dict
         ``{"iteration", "checkpoint", "val": last validation metrics}``.
     """
-    out = Path(config["out"])
-    state_path = out / "state.safetensors"
-    if state_path.exists() and not resume:
-        raise FileExistsError(
-            f"{out} already holds a run (state.safetensors); pass --resume to continue it or "
-            f"choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.json", json.dumps(config, indent=2, default=str))
-    seed = int(config["seed"])
-    seed_everything(seed, config.get("threads"))
-    device = select_device(config.get("device", "auto"), fallback=True)
-    amp = amp_dtype(config.get("amp", "auto"), device)
-    use_amp = amp is not None
-    sched = config["schedule"]
-    lam = config["loss"]
-    gen, disc = config["generator"], config["discriminator"]
-
-    G_AB = build_model(gen["name"], **gen.get("kwargs", {})).to(device)
-    G_BA = build_model(gen["name"], **gen.get("kwargs", {})).to(device)
-    D_A = build_model(disc["name"], **disc.get("kwargs", {})).to(device)
-    conditional = bool(disc.get("conditional", False))
-    d_kwargs = dict(disc.get("kwargs", {}))
-    if conditional:
-        d_kwargs["in_channels"] = 6  # (DSCM, H&E) pairs
-    D_B = build_model(disc["name"], **d_kwargs).to(device)
-    lam_hema = float(lam.get("lambda_hema", 0.0))
-    hema_window = int(lam.get("hema_window", 15))
-    if config.get("init_from") and not (resume and state_path.is_file()):
-        nets = {"G_AB": G_AB, "G_BA": G_BA, "D_A": D_A, "D_B": D_B}
-        loaded = _init_from(config["init_from"], nets, device)
-        if "G_AB" not in loaded:
-            raise ValueError(f"init_from {config['init_from']}: no compatible G_AB in the file")
-    betas = tuple(config["optim"]["betas"])
-    lr0 = float(config["optim"]["lr"])
-    opt_G = torch.optim.Adam([*G_AB.parameters(), *G_BA.parameters()], lr=lr0, betas=betas)
-    opt_D = torch.optim.Adam([*D_A.parameters(), *D_B.parameters()], lr=lr0, betas=betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    pool_A, pool_B = ImagePool(config["pool_size"]), ImagePool(config["pool_size"])
-
-    log = CsvLog(out / "log.csv", LOG_FIELDS)
-    val_log = CsvLog(out / "val.csv", VAL_FIELDS)
-    start = 0
-    if resume and state_path.is_file():
-        st = load_state(state_path)
-        for net, key in ((G_AB, "G_AB"), (G_BA, "G_BA"), (D_A, "D_A"), (D_B, "D_B")):
-            net.load_state_dict(st[key])
-        opt_G.load_state_dict(st["opt_G"])
-        opt_D.load_state_dict(st["opt_D"])
-        if st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
-        pool_A.load(st["pool_A"], device)
-        pool_B.load(st["pool_B"], device)
-        start = int(st["iteration"])
-        log.truncate_from("iteration", start + 1)
-        val_log.truncate_from("iteration", start + 1)
-    else:
-        for p in (out / "log.csv", out / "val.csv"):
-            p.unlink(missing_ok=True)
-
-    source, target, val_regions, kind = _regions(config)
-    d = config["data"]
-    min_tissue = float(d["min_tissue"])
-    sampler_A = PairedCropSampler(
-        source, kind, seed, min_tissue=min_tissue, speckle=d.get("speckle")
-    )
-    sampler_B = PairedCropSampler(target, "he", seed + 1, min_tissue=min_tissue)
-    val = make_validation_set(
-        val_regions,
-        int(d["val_tile"]),
-        int(d["val_tiles"]),
-        min_tissue=float(d["val_min_tissue"]),
-        speckle=d.get("speckle"),
-        seed=seed,
-    )
-    if start == 0 and len(val):
+    logs = {"log.csv": LOG_FIELDS, "val.csv": VAL_FIELDS}
+    run, device = start_run(config, logs, resume=resume)
+    resuming = resume and run.state_path.is_file()
+    gan = _build(config, device, None if resuming else config.get("init_from"))
+    start = run.resume(gan.parts())
+    data = _load_data(config, int(config["seed"]))
+    if start == 0 and len(data.val):
         for name, m in (
-            ("linear-stain (input)", validate(None, val)),
-            ("true H&E (reference)", _truth_reference(val)),
+            (INPUT_ROW, validate(None, data.val)),
+            (TRUTH_ROW, truth_reference(data.val)),
         ):
             if m is not None:
-                val_log.write({"epoch": 0, "iteration": 0, "model": name, **m})
-
-    ipe, epochs, batch = (
-        int(sched["iters_per_epoch"]),
-        int(sched["epochs"]),
-        int(sched["batch_size"]),
-    )
-    total = ipe * epochs
-    # stop_at: end this process early (a time-boxed job); --resume continues the same run.
-    stop = min(total, int(config.get("stop_at") or total))
-    autocast = (
-        (lambda: torch.autocast(device_type=device.type, dtype=amp))
-        if use_amp
-        else contextlib.nullcontext
-    )
-    l1, mse = nn.functional.l1_loss, nn.functional.mse_loss
-    for net in (G_AB, G_BA, D_A, D_B):
-        net.train()
-    last_val: dict[str, float] = {}
-    t0 = time.perf_counter()
-    current_crop = crop_size_at(sched, start // ipe) if start < total else None
-    bar = tqdm(
-        range(start, stop),
-        desc="cyclegan",
-        initial=start,
-        total=total,
-        disable=not progress,
-        mininterval=5,
-    )
-    for it in bar:
-        epoch = it // ipe
-        crop = crop_size_at(sched, epoch)
-        if crop != current_crop:
-            pool_A.images.clear()
-            pool_B.images.clear()
-            current_crop = crop
-        lr = lr0 * lr_factor(sched, it / ipe)
-        for opt in (opt_G, opt_D):
-            for group in opt.param_groups:
-                group["lr"] = lr
-        idx = range(it * batch, (it + 1) * batch)
-        batch_A = sampler_A.batch(idx, crop)
-        real_A = batch_A["dscm"].to(device)
-        real_B = sampler_B.batch(idx, crop)["he"].to(device)
-        rng = np.random.default_rng([seed, 3, it])
-
-        # Generators: fool the (frozen) discriminators, cycle back, keep identity.
-        _set_requires_grad([D_A, D_B], False)
-        with autocast():
-            fake_B = G_AB(real_A)
-            rec_A = G_BA(fake_B)
-            fake_A = G_BA(real_B)
-            rec_B = G_AB(fake_A)
-            pred_fb = D_B(torch.cat([real_A, fake_B], 1) if conditional else fake_B)
-            pred_fa = D_A(fake_A)
-            gan_AB = mse(pred_fb, torch.ones_like(pred_fb))
-            gan_BA = mse(pred_fa, torch.ones_like(pred_fa))
-            cyc_A = l1(rec_A, real_A) * float(lam["lambda_cycle"])
-            cyc_B = l1(rec_B, real_B) * float(lam["lambda_cycle"])
-            if float(lam["lambda_identity"]) > 0:
-                idt_A = l1(G_AB(real_B), real_B) * float(lam["lambda_identity"])
-                idt_B = l1(G_BA(real_A), real_A) * float(lam["lambda_identity"])
-            else:
-                idt_A = idt_B = torch.zeros((), device=device)
-            if lam_hema > 0:
-                hema = lam_hema * hematoxylin_loss(
-                    fake_B, batch_A["f"].to(device), window=hema_window
-                )
-            else:
-                hema = torch.zeros((), device=device)
-            loss_G = gan_AB + gan_BA + cyc_A + cyc_B + idt_A + idt_B + hema
-        opt_G.zero_grad(set_to_none=True)
-        scaler.scale(loss_G).backward()
-        scaler.step(opt_G)
-
-        # Discriminators: real → 1, (pooled) fake → 0, loss halved.
-        _set_requires_grad([D_A, D_B], True)
-        if conditional:
-            # Real pairs: (G_BA(B), B) — the DSCM that H&E "came from" by the other generator.
-            pooled_B = pool_B.query(torch.cat([real_A, fake_B.float()], 1), rng)
-            real_pair_B = torch.cat([fake_A.detach().float(), real_B], 1)
-        else:
-            pooled_B = pool_B.query(fake_B.float(), rng)
-            real_pair_B = real_B
-        pooled_A = pool_A.query(fake_A.float(), rng)
-        with autocast():
-            pr, pf = D_B(real_pair_B), D_B(pooled_B)
-            loss_D_B = 0.5 * (mse(pr, torch.ones_like(pr)) + mse(pf, torch.zeros_like(pf)))
-            pr, pf = D_A(real_A), D_A(pooled_A)
-            loss_D_A = 0.5 * (mse(pr, torch.ones_like(pr)) + mse(pf, torch.zeros_like(pf)))
-        opt_D.zero_grad(set_to_none=True)
-        scaler.scale(loss_D_A + loss_D_B).backward()
-        scaler.step(opt_D)
-        scaler.update()
-
-        done = it + 1
-        if done % int(config["log_every"]) == 0 or done == total:
-            values = {
-                "iteration": done,
-                "epoch": done / ipe,
-                "crop": crop,
-                "lr": lr,
-                "loss_G": loss_G.item(),
-                "gan_AB": gan_AB.item(),
-                "gan_BA": gan_BA.item(),
-                "cycle_A": cyc_A.item(),
-                "cycle_B": cyc_B.item(),
-                "idt_A": idt_A.item(),
-                "idt_B": idt_B.item(),
-                "hema": hema.item(),
-                "loss_D_A": loss_D_A.item(),
-                "loss_D_B": loss_D_B.item(),
-                "seconds": time.perf_counter() - t0,
-            }
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"non-finite loss at iteration {done}: {values}")
-            log.write(values)
-            bar.set_postfix(G=f"{values['loss_G']:.3f}", D=f"{values['loss_D_B']:.3f}")
-        end_of_epoch = done % ipe == 0
-        if end_of_epoch:
-            ep = done // ipe
-            rows = [[_to_img(t[0]) for t in (real_A, fake_B, rec_A, real_B, fake_A, rec_B)]]
-            if len(val):
-                last_val = validate(G_AB, val)
-                val_log.write({"epoch": ep, "iteration": done, "model": "G_AB", **last_val})
-                G_AB.eval()
-                for k in range(min(int(config["sample_tiles"]), len(val))):
-                    x = val.dscm[k]
-                    row = [(x.transpose(1, 2, 0) + 1) / 2, run_generator(G_AB, x)]
-                    if val.truth is not None:
-                        row.append(val.truth[k])
-                    rows.append(row)
-                G_AB.train()
-            _grid_png(out / "samples" / f"epoch_{ep:03d}.png", rows)
-            _export(out / "G_AB.safetensors", G_AB, config, done, last_val)
-        if done % int(config["checkpoint_every"]) == 0 or end_of_epoch or done == stop:
-            save_state(
-                state_path,
-                {
-                    "iteration": done,
-                    "G_AB": G_AB.state_dict(),
-                    "G_BA": G_BA.state_dict(),
-                    "D_A": D_A.state_dict(),
-                    "D_B": D_B.state_dict(),
-                    "opt_G": opt_G.state_dict(),
-                    "opt_D": opt_D.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "pool_A": pool_A.state(),
-                    "pool_B": pool_B.state(),
-                },
-            )
+                run.logs["val.csv"].write({"epoch": 0, "iteration": 0, "model": name, **m})
+    stop, last_val = _train(gan, data, config, run, start, progress)
+    total = int(config["schedule"]["iters_per_epoch"]) * int(config["schedule"]["epochs"])
     if stop < total:
         return {"iteration": stop, "stopped": True, "checkpoint": None, "val": last_val}
-    final = _export(out / "G_AB.safetensors", G_AB, config, total, last_val)
+    final = _export(run.out / "G_AB.safetensors", gan.G_AB, config, total, last_val)
     return {"iteration": total, "checkpoint": str(final), "val": last_val}
 
 
@@ -733,5 +661,5 @@ def _export(
         G_AB,
         architecture=config["generator"]["name"],
         normalization=dict(DSCM_INPUT),
-        training=portable_paths(json.loads(json.dumps(training, default=str))),
+        training=portable_record(training),
     )

@@ -1,4 +1,4 @@
-"""Training data: tissue crops, spatial and per-slide splits, pseudo-confocal pairs, datasets.
+"""Training data: tissue crops, spatial and per-slide splits, pseudo-confocal pairs, samplers.
 
 Everything here is plain numpy (plus a thin ``torch.utils.data.Dataset`` wrapper), following
 thesis §3.1 and Combalia §2.3:
@@ -16,11 +16,12 @@ thesis §3.1 and Combalia §2.3:
 * **Reproducible sampling.** Every random choice of sample ``i`` comes from
   ``numpy.random.default_rng([seed, i])``: a run resumed at iteration ``k`` draws exactly the
   crops, flips and speckle an uninterrupted run would, with no RNG state to save.
+
+Crops written to disk by ``python -m training extract-crops`` are :mod:`training.crops`.
 """
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,10 +41,9 @@ from training.noise import add_speckle
 
 __all__ = [
     "CM_PIXEL_SIZE_UM",
-    "EXTRACT_DEFAULTS",
     "SAMPLE_KINDS",
     "YUV_LUMA",
-    "Box",
+    "Compose",
     "CropDataset",
     "HEImage",
     "PairedCropSampler",
@@ -51,24 +51,25 @@ __all__ = [
     "RandomFlip",
     "TissueRegion",
     "band_regions",
+    "band_split_defaults",
+    "box_mean",
+    "check_disjoint",
     "crop_positions",
     "dscm_tensor",
-    "extract_cm_crops",
     "extract_crops",
-    "extract_he_crops",
     "hed_scale",
     "inverted_luma",
-    "load_crop_regions",
     "load_he_regions",
     "otsu_tissue_mask",
     "pseudo_confocal",
     "read_he",
-    "read_manifest",
+    "regions_in",
     "resize_to_pixel_size",
-    "run_extract_crops",
     "split_by_slide",
+    "split_regions",
     "tile_grid_regions",
     "tissue_signal_he",
+    "to_unit_float",
     "valid_crop_origins",
 ]
 
@@ -156,7 +157,7 @@ def read_he(path: str | Path, pixel_size_um: float | None = None) -> HEImage:
         raise MosaicError(path, f"cannot read the image ({type(exc).__name__}: {exc})") from None
     if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
         raise MosaicError(path, f"expected an RGB image, got shape {rgb.shape}")
-    rgb = _to_unit_float(rgb[..., :3])
+    rgb = to_unit_float(rgb[..., :3])
     size = pixel_size_um if pixel_size_um is not None else (found or CM_PIXEL_SIZE_UM)
     if not (np.isfinite(size) and size > 0):
         raise MosaicError(path, f"pixel size must be positive, got {size!r}")
@@ -176,7 +177,8 @@ def _tiff_um_per_px(page: Any) -> float | None:
     return (25400.0 if unit == 2 else 10000.0) / per_unit
 
 
-def _to_unit_float(a: np.ndarray) -> np.ndarray:
+def to_unit_float(a: np.ndarray) -> np.ndarray:
+    """An image as float32 in [0, 1] (integers divided by their type's maximum)."""
     if np.issubdtype(a.dtype, np.integer):
         return (a.astype(np.float32) / np.iinfo(a.dtype).max).astype(np.float32)
     return np.clip(a.astype(np.float32), 0.0, 1.0)
@@ -361,7 +363,7 @@ def crop_positions(shape: tuple[int, int], size: int, overlap: int = 0) -> list[
     return [(y, x) for y in ys for x in xs]
 
 
-def _box_mean(a: np.ndarray, size: int) -> np.ndarray:
+def box_mean(a: np.ndarray, size: int) -> np.ndarray:
     """Mean of ``a`` over every ``size``² window, indexed by its top-left corner."""
     s = np.pad(np.cumsum(np.cumsum(a, 0, dtype=np.float64), 1), ((1, 0), (1, 0)))
     total = s[size:, size:] - s[:-size, size:] - s[size:, :-size] + s[:-size, :-size]
@@ -408,8 +410,8 @@ def extract_crops(
         mask = otsu_tissue_mask(*modes)
     if shape[0] < size or shape[1] < size:
         return []
-    tissue = _box_mean(mask.astype(np.float32), size)
-    means = [_box_mean(np.asarray(m, np.float32), size) for m in modes]
+    tissue = box_mean(mask.astype(np.float32), size)
+    means = [box_mean(np.asarray(m, np.float32), size) for m in modes]
     kept = []
     for y, x in crop_positions(shape, size, overlap):
         if tissue[y, x] >= min_tissue and all(
@@ -445,7 +447,7 @@ def valid_crop_origins(
     h, w = mask.shape
     if h < size or w < size:
         return np.zeros((0, 2), int)
-    frac = _box_mean(mask.astype(np.float32), size)[::stride, ::stride]
+    frac = box_mean(mask.astype(np.float32), size)[::stride, ::stride]
     ys, xs = np.nonzero(frac >= min_tissue)
     return np.stack([ys * stride, xs * stride], axis=1)
 
@@ -483,6 +485,21 @@ def band_regions(
     for k in range(bands):
         out[order[k % len(order)]].append((k * h // bands, (k + 1) * h // bands, 0, w))
     return out
+
+
+def band_split_defaults() -> dict[str, Any]:
+    """The ``data`` entries every command starts from: the CC0 slide in 6 interleaved bands.
+
+    ``he`` (the slides), ``pixel_size_um`` (None: from the file), ``bands`` and ``order``
+    (band ``k`` goes to ``order[k % 3]``), read by :func:`split_regions`. The shipped models
+    were trained and scored on this split; a fresh dict each call.
+    """
+    return {
+        "he": ["${NCS_DATA}/he/cmu_small_region.svs"],
+        "pixel_size_um": None,
+        "bands": 6,
+        "order": ["source", "target", "heldout"],
+    }
 
 
 def split_by_slide(names: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -824,389 +841,41 @@ def tile_grid_regions(
     return tiles
 
 
-# ------------------------------------------------------------------------------ manifests
+# --------------------------------------------------------------------- regions of a config
 
 
-MANIFEST_FIELDS = ("file", "slide", "split", "kind", "y", "x", "size", "pixel_size_um")
+def split_regions(data: Mapping[str, Any]) -> dict[str, list[TissueRegion]]:
+    """:func:`load_he_regions` of a command's ``data`` section.
+
+    Reads ``he`` (the slides), ``bands``, ``order`` and ``pixel_size_um``.
+    """
+    return load_he_regions(
+        data["he"],
+        bands=int(data["bands"]),
+        order=data["order"],
+        pixel_size_um=data.get("pixel_size_um"),
+    )
 
 
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a crops ``manifest.csv`` written by ``python -m training extract-crops``.
+def regions_in(
+    regions: Mapping[str, Sequence[TissueRegion]], splits: Sequence[str]
+) -> list[TissueRegion]:
+    """The regions of ``splits`` (e.g. ``["source", "target"]``), in that order."""
+    return [r for s in splits for r in regions[s]]
+
+
+def check_disjoint(groups: Mapping[str, Sequence[TissueRegion]]) -> None:
+    """Refuse groups of regions (training, validation, …) that share a piece of a slide.
 
     Raises
     ------
-    MosaicError
-        Missing file or columns.
+    ValueError
+        Naming the first two groups that share a ``(slide, box)``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MosaicError(path, "crop manifest not found (run `python -m training extract-crops`)")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    missing = set(MANIFEST_FIELDS) - set(rows[0] if rows else MANIFEST_FIELDS)
-    if missing:
-        raise MosaicError(path, f"manifest lacks columns {sorted(missing)}")
-    return rows
-
-
-# --------------------------------------------------------------------------- extract-crops
-
-
-def _tiff_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    import tifffile
-
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, array, compression="zlib", photometric="minisblack")
-    return buf.getvalue()
-
-
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_manifest(out: Path, rows: list[dict[str, Any]]) -> Path:
-    import io
-
-    from training.runstate import write_atomic
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return write_atomic(out / "manifest.csv", buf.getvalue())
-
-
-def extract_cm_crops(
-    mosaics: Sequence[str | Path],
-    out: str | Path,
-    size: int = 1024,
-    overlap: int = 0,
-    *,
-    min_tissue: float = 0.5,
-    min_mean: float | Sequence[float] = 0.05,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Cut tissue crops out of confocal mosaics into ``out`` (thesis §3.1, Combalia §2.3.1).
-
-    The tissue mask (Otsu on the mean of R and F) and the mean grey levels are computed on
-    the coarsest pyramid level whose crops are still ≥ 8 px, so a 100k-px slide is never held
-    in memory; only the kept crops are read at full resolution. Crops are resized to
-    0.75 µm/px if the mosaic has another pixel size.
-
-    Parameters
-    ----------
-    mosaics
-        Paths :func:`napari_confocal_stain.io.readers.open_mosaic` opens.
-    out
-        Output folder: ``<split>/<slide>_y<Y>_x<X>.tif`` (2 × size × size uint16: R, F) and
-        ``manifest.csv``. Must not be inside an input folder.
-    size, overlap
-        Crop side and overlap in 0.75 µm/px pixels.
-    min_tissue, min_mean
-        As :func:`extract_crops`.
-    val_fraction, seed
-        Split by slide (:func:`split_by_slide`).
-    progress
-        ``progress(done, total)`` per slide.
-
-    Returns
-    -------
-    list of dict
-        The manifest rows.
-    """
-    from napari_confocal_stain.io.readers import open_mosaic
-    from training.runstate import write_atomic
-
-    out = Path(out)
-    _check_output(out, mosaics)
-    opened = [open_mosaic(p) for p in mosaics]
-    splits = split_by_slide([m.name for m in opened], val_fraction, seed)
-    rows: list[dict[str, Any]] = []
-    for n, mosaic in enumerate(opened):
-        zoom = mosaic.pixel_size_um / CM_PIXEL_SIZE_UM  # level-0 px → 0.75 µm px
-        win = round(size / zoom)  # crop side in level-0 pixels
-        step = round((size - overlap) / zoom)
-        level = 0
-        for k in range(mosaic.levels):
-            factor = mosaic.shape[0] / mosaic.r[k].shape[0]
-            if win / factor >= 8:
-                level = k
-        factor = mosaic.shape[0] / mosaic.r[level].shape[0]
-        r_lo = np.asarray(mosaic.r[level].compute(), np.float32)
-        f_lo = np.asarray(mosaic.f[level].compute(), np.float32)
-        mask = otsu_tissue_mask(r_lo, f_lo)
-        c = max(1, round(win / factor))
-        tissue, mr, mf = (_box_mean(a.astype(np.float32), c) for a in (mask, r_lo, f_lo))
-        mins = [float(min_mean)] * 2 if np.isscalar(min_mean) else list(min_mean)
-        split = splits[mosaic.name]
-        h, w = mosaic.shape
-        for y in range(0, h - win + 1, max(step, 1)):
-            for x in range(0, w - win + 1, max(step, 1)):
-                yl = min(int(y / factor), tissue.shape[0] - 1)
-                xl = min(int(x / factor), tissue.shape[1] - 1)
-                if tissue[yl, xl] < min_tissue or mr[yl, xl] < mins[0] or mf[yl, xl] < mins[1]:
-                    continue
-                r = np.asarray(mosaic.r[0][y : y + win, x : x + win].compute(), np.float32)
-                f = np.asarray(mosaic.f[0][y : y + win, x : x + win].compute(), np.float32)
-                if win != size:  # another pixel size: resample to exactly size² at 0.75 µm/px
-                    from skimage.transform import resize
-
-                    r, f = (
-                        resize(a, (size, size), order=1, anti_aliasing=win > size).astype(
-                            np.float32
-                        )
-                        for a in (r, f)
-                    )
-                name = f"{split}/{mosaic.name}_y{y}_x{x}.tif"
-                rf = np.stack([r, f]) * 65535 + 0.5
-                write_atomic(out / name, _tiff_bytes(rf.astype(np.uint16)))
-                rows.append(
-                    {
-                        "file": name,
-                        "slide": mosaic.name,
-                        "split": split,
-                        "kind": "cm",
-                        "y": y,
-                        "x": x,
-                        "size": size,
-                        "pixel_size_um": CM_PIXEL_SIZE_UM,
-                    }
-                )
-        if progress:
-            progress(n + 1, len(opened))
-    _write_manifest(out, rows)
-    return rows
-
-
-def extract_he_crops(
-    slides: Sequence[str | Path],
-    out: str | Path,
-    size: int = 1024,
-    overlap: int = 0,
-    *,
-    pseudo: bool = False,
-    min_tissue: float = 0.5,
-    min_mean: float = 0.05,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    pixel_size_um: float | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Cut tissue crops out of H&E slides resized to 0.75 µm/px (Combalia §2.3.2).
-
-    Parameters
-    ----------
-    slides
-        H&E files (:func:`read_he`; each is read whole, so use moderately sized images).
-    out
-        Output folder: ``<split>/<slide>_y<Y>_x<X>.png`` and ``manifest.csv``.
-    size, overlap
-        Crop side and overlap at 0.75 µm/px.
-    pseudo
-        Also write the pseudo-confocal R/F of each crop (``…_rf.tif``, no speckle: the
-        trainer adds fresh speckle), so the crop is a known-answer pair (kind ``pseudo``).
-    min_tissue, min_mean
-        As :func:`extract_crops` on the inverted luma.
-    val_fraction, seed
-        Split by slide.
-    pixel_size_um
-        Overrides every file's pixel size.
-    progress
-        ``progress(done, total)`` per slide.
-
-    Returns
-    -------
-    list of dict
-        The manifest rows.
-    """
-    from training.runstate import write_atomic
-
-    out = Path(out)
-    _check_output(out, slides)
-    names = [Path(s).stem for s in slides]
-    splits = split_by_slide(names, val_fraction, seed)
-    rows: list[dict[str, Any]] = []
-    for n, path in enumerate(slides):
-        he = read_he(path, pixel_size_um)
-        rgb = resize_to_pixel_size(he.rgb, he.pixel_size_um)
-        signal = tissue_signal_he(rgb)
-        mask = otsu_tissue_mask(signal)
-        scale = hed_scale(rgb, mask)
-        split = splits[he.name]
-        for y, x in extract_crops(
-            [signal], size, overlap, mask=mask, min_tissue=min_tissue, min_mean=min_mean
-        ):
-            crop = rgb[y : y + size, x : x + size]
-            name = f"{split}/{he.name}_y{y}_x{x}.png"
-            write_atomic(out / name, _png_bytes(crop))
-            kind = "he"
-            if pseudo:
-                r, f = pseudo_confocal(crop, scale)
-                rf = np.stack([r, f]) * 65535 + 0.5
-                write_atomic(
-                    out / name.replace(".png", "_rf.tif"), _tiff_bytes(rf.astype(np.uint16))
-                )
-                kind = "pseudo"
-            rows.append(
-                {
-                    "file": name,
-                    "slide": he.name,
-                    "split": split,
-                    "kind": kind,
-                    "y": y,
-                    "x": x,
-                    "size": size,
-                    "pixel_size_um": CM_PIXEL_SIZE_UM,
-                }
-            )
-        if progress:
-            progress(n + 1, len(slides))
-    _write_manifest(out, rows)
-    return rows
-
-
-def _check_output(out: Path, inputs: Sequence[str | Path]) -> None:
-    """Refuse to write crops into (or above) an input's folder."""
-    out = out.resolve()
-    for p in inputs:
-        folder = Path(p).resolve()
-        folder = folder if folder.is_dir() else folder.parent
-        if out == folder or folder in out.parents:
-            raise MosaicError(out, f"refusing to write crops inside the input folder {folder}")
-
-
-def load_crop_regions(
-    folder: str | Path, split: str | None = None, kind: str | None = None
-) -> list[TissueRegion]:
-    """Crops written by :func:`extract_cm_crops` / :func:`extract_he_crops` as regions.
-
-    Parameters
-    ----------
-    folder
-        The crops folder (with ``manifest.csv``).
-    split
-        Keep only ``"train"`` or ``"val"`` crops.
-    kind
-        Keep only ``"cm"``, ``"he"`` or ``"pseudo"`` crops.
-
-    Returns
-    -------
-    list of TissueRegion
-        H&E crops fill ``rgb`` (and ``hed_scale`` from the crop itself); confocal crops fill
-        ``modes``. Crops were kept for their tissue, so their masks are all True.
-    """
-    import tifffile
-    from skimage.io import imread
-
-    folder = Path(folder)
-    regions = []
-    for row in read_manifest(folder / "manifest.csv"):
-        if (split and row["split"] != split) or (kind and row["kind"] != kind):
-            continue
-        path = folder / row["file"]
-        if not path.is_file():
-            raise MosaicError(path, "listed in manifest.csv but missing")
-        y, x, size = int(row["y"]), int(row["x"]), int(row["size"])
-        box = (y, y + size, x, x + size)
-        if row["kind"] == "cm":
-            rf = tifffile.imread(path).astype(np.float32) / 65535
-            modes = np.ascontiguousarray(rf.transpose(1, 2, 0))
-            regions.append(
-                TissueRegion(
-                    None,
-                    np.ones(modes.shape[:2], bool),
-                    np.ones(2),
-                    row["slide"],
-                    box,
-                    modes=modes,
-                )
-            )
-        else:
-            rgb = _to_unit_float(imread(path)[..., :3])
-            regions.append(
-                TissueRegion(rgb, np.ones(rgb.shape[:2], bool), hed_scale(rgb), row["slide"], box)
-            )
-    if not regions:
-        raise MosaicError(folder, f"no crops with split={split!r} kind={kind!r} in manifest.csv")
-    return regions
-
-
-EXTRACT_DEFAULTS: dict[str, Any] = {
-    "cm": [],
-    "he": [],
-    "out": "runs/crops",
-    "size": 1024,
-    "overlap": 0,
-    "min_tissue": 0.5,
-    "min_mean": 0.05,
-    "val_fraction": 0.2,
-    "seed": 0,
-    "pseudo": False,
-    "pixel_size_um": None,
-}
-"""Configuration of ``python -m training extract-crops`` (thesis: 1024² crops)."""
-
-
-def run_extract_crops(config: Mapping[str, Any], progress: bool = True) -> dict[str, int]:
-    """Extract confocal crops (into ``out/cm``) and H&E crops (into ``out/he``).
-
-    Parameters
-    ----------
-    config
-        See :data:`EXTRACT_DEFAULTS`.
-    progress
-        Print one line per slide.
-
-    Returns
-    -------
-    dict
-        Number of crops per kind and split, e.g. ``{"cm/train": 760, "he/val": 40}``.
-    """
-    out = Path(config["out"])
-    if not config.get("cm") and not config.get("he"):
-        raise ValueError("extract-crops needs confocal mosaics (cm) and/or H&E slides (he)")
-    counts: dict[str, int] = {}
-
-    def report(kind: str) -> Callable[[int, int], None] | None:
-        if not progress:
-            return None
-        return lambda done, total: print(f"{kind}: {done}/{total} slides", flush=True)
-
-    common = {k: config[k] for k in ("min_tissue", "val_fraction", "seed")}
-    if config.get("cm"):
-        rows = extract_cm_crops(
-            config["cm"],
-            out / "cm",
-            int(config["size"]),
-            int(config["overlap"]),
-            min_mean=config["min_mean"],
-            progress=report("cm"),
-            **common,
-        )
-        for r in rows:
-            counts[f"cm/{r['split']}"] = counts.get(f"cm/{r['split']}", 0) + 1
-    if config.get("he"):
-        rows = extract_he_crops(
-            config["he"],
-            out / "he",
-            int(config["size"]),
-            int(config["overlap"]),
-            pseudo=bool(config["pseudo"]),
-            min_mean=float(config["min_mean"]),
-            pixel_size_um=config.get("pixel_size_um"),
-            progress=report("he"),
-            **common,
-        )
-        for r in rows:
-            counts[f"he/{r['split']}"] = counts.get(f"he/{r['split']}", 0) + 1
-    return counts
+    boxes = {name: {(r.slide, r.box) for r in rs} for name, rs in groups.items()}
+    names = list(boxes)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = boxes[a] & boxes[b]
+            if shared:
+                raise ValueError(f"{a} and {b} regions overlap: {sorted(shared)}")

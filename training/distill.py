@@ -1,4 +1,4 @@
-"""Distil a stain generator into a light student (issue 8): ``python -m training distill``.
+"""``python -m training distill``: distil a stain generator into a light student.
 
 The teacher (a trained stain model, by default the bundled ``stain-unet``) stains the
 pseudo-confocal DSCM of the *training* regions (never the held-out ones) once, whole, through
@@ -14,7 +14,8 @@ The optional second term (:func:`training.structure.hematoxylin_loss`) ties the 
 hematoxylin to the input's nuclear signal, so the student may keep nuclei the teacher drops
 (structure-preserving distillation). Adam, learning rate constant then linearly decayed to 0,
 random tissue crops with flips / 90° turns; sample ``i`` is drawn from
-``default_rng([seed, i])`` so ``--resume`` continues exactly.
+``default_rng([seed, i])`` so ``--resume`` continues exactly
+(:class:`training.runstate.RunFolder`).
 
 Labelling whole regions once instead of every crop on the fly makes the teacher's cost
 negligible (a 120 kFLOP/px teacher would otherwise cost 10× the student's training step) and
@@ -30,34 +31,43 @@ and of the teacher and the linear stain as references), ``sample.png``, ``state.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from napari_confocal_stain.inference import load_model, select_device, stain_region
+from napari_confocal_stain.inference import load_model, stain_region
 from napari_confocal_stain.models import build_model, save_checkpoint
 from napari_confocal_stain.models.flops import flops_per_pixel
 from napari_confocal_stain.models.registry import DSCM_INPUT
-from training.cyclegan import _grid_png, make_validation_set, validate
-from training.data import RandomFlip, TissueRegion, dscm_tensor, load_he_regions, pseudo_confocal
-from training.evaluate import run_generator
-from training.runstate import (
-    CsvLog,
-    load_state,
-    portable_paths,
-    save_state,
-    seed_everything,
-    write_atomic,
+from training.config import portable_record
+from training.data import (
+    RandomFlip,
+    TissueRegion,
+    band_split_defaults,
+    check_disjoint,
+    dscm_tensor,
+    pseudo_confocal,
+    regions_in,
+    split_regions,
 )
+from training.images import grid_png
+from training.loop import check_finite, linear_decay, progress_bar, set_lr, stop_iteration
+from training.runstate import RunFolder, Stateful, start_run
 from training.structure import hematoxylin_loss
+from training.validation import (
+    INPUT_ROW,
+    STAIN_METRICS,
+    ValidationSet,
+    make_validation_set,
+    sample_rows,
+    validate,
+)
 
 __all__ = ["DEFAULTS", "LabelledRegion", "label_regions", "run_distill", "sample_batch"]
 
@@ -74,10 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "optim": {"lr": 2e-3, "betas": [0.9, 0.999]},
     "schedule": {"iterations": 2000, "decay_start": 1000, "crop": 256, "batch_size": 4},
     "data": {
-        "he": ["${NCS_DATA}/he/cmu_small_region.svs"],
-        "pixel_size_um": None,
-        "bands": 6,
-        "order": ["source", "target", "heldout"],
+        **band_split_defaults(),
         "train_splits": ["source", "target"],
         "val_splits": ["heldout"],
         "min_tissue": 0.3,
@@ -93,22 +100,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 LOG_FIELDS = ("iteration", "lr", "loss", "l1", "hema", "seconds")
-VAL_FIELDS = (
-    "iteration",
-    "model",
-    "tiles",
-    "ssim_truth",
-    "lbp_chi2_truth",
-    "ssim_input",
-    "lbp_chi2_input",
-    "nuclei_f",
-    "nuclei_output",
-    "nuclei_matched",
-    "nuclei_preserved",
-    "nuclei_invented",
-)
+VAL_FIELDS = ("iteration", "model", *STAIN_METRICS)
 
 
+@dataclass
 class LabelledRegion:
     """A training region's pseudo-confocal input and the teacher's output on it.
 
@@ -124,8 +119,10 @@ class LabelledRegion:
         ``(H, W, 3)`` teacher output in [-1, 1].
     """
 
-    def __init__(self, region: TissueRegion, dscm: np.ndarray, f: np.ndarray, label: np.ndarray):
-        self.region, self.dscm, self.f, self.label = region, dscm, f, label
+    region: TissueRegion
+    dscm: np.ndarray
+    f: np.ndarray
+    label: np.ndarray
 
 
 def label_regions(
@@ -195,11 +192,152 @@ def sample_batch(
     }
 
 
-def _lr(sched: Mapping[str, Any], it: int, lr0: float) -> float:
-    start, total = int(sched["decay_start"]), int(sched["iterations"])
-    if it < start or total <= start:
-        return lr0
-    return lr0 * max(0.0, 1.0 - (it - start) / float(total - start))
+@dataclass
+class _Distiller:
+    """Teacher, student and the student's optimiser."""
+
+    teacher: nn.Module
+    student: nn.Module
+    opt: torch.optim.Optimizer
+    device: torch.device
+    flops_ratio: float
+    """Student ÷ teacher FLOPs per pixel."""
+
+    def parts(self) -> dict[str, Stateful]:
+        """What the resume state holds, by key."""
+        return {"student": self.student, "opt": self.opt}
+
+
+def _build(config: Mapping[str, Any], device: torch.device) -> _Distiller:
+    """The frozen teacher, a fresh student whose crops both models accept, and Adam."""
+    teacher = load_model(config["teacher"], device=device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    st_cfg = config["student"]
+    student = build_model(st_cfg["name"], **st_cfg.get("kwargs", {})).to(device)
+    mult = max(int(getattr(m, "size_multiple", 1)) for m in (teacher, student))
+    crop = int(config["schedule"]["crop"])
+    if crop % mult:
+        raise ValueError(f"schedule.crop {crop} must be a multiple of {mult}")
+    probe = (3, max(crop, 2 * mult), max(crop, 2 * mult))
+    flops_ratio = flops_per_pixel(student, probe) / flops_per_pixel(teacher, probe)
+    opt = torch.optim.Adam(
+        student.parameters(),
+        lr=float(config["optim"]["lr"]),
+        betas=tuple(config["optim"]["betas"]),
+    )
+    return _Distiller(teacher, student, opt, device, flops_ratio)
+
+
+def _labelled_data(
+    config: Mapping[str, Any], teacher: nn.Module, seed: int, device: torch.device
+) -> tuple[list[LabelledRegion], ValidationSet]:
+    """The teacher-labelled training regions and the held-out validation tiles."""
+    d = config["data"]
+    regions = split_regions(d)
+    train = regions_in(regions, d["train_splits"])
+    held = regions_in(regions, d["val_splits"])
+    check_disjoint({"training": train, "validation": held})
+    items = label_regions(
+        teacher,
+        train,
+        realizations=int(config.get("label_realizations", 2)),
+        speckle=d.get("speckle"),
+        seed=seed,
+        tile=int(config.get("label_tile", 512)),
+        device=device,
+    )
+    val = make_validation_set(
+        held,
+        int(d["val_tile"]),
+        int(d["val_tiles"]),
+        min_tissue=float(d["val_min_tissue"]),
+        speckle=d.get("speckle"),
+        seed=seed,
+    )
+    return items, val
+
+
+def _train(
+    model: _Distiller,
+    items: list[LabelledRegion],
+    val: ValidationSet,
+    config: Mapping[str, Any],
+    run: RunFolder,
+    start: int,
+    progress: bool,
+) -> tuple[int, dict[str, Any]]:
+    """Iterations ``start`` … ``stop_at`` or the end; the last one done and validation."""
+    sched, lam = config["schedule"], config["loss"]
+    seed, lr0, crop = int(config["seed"]), float(config["optim"]["lr"]), int(sched["crop"])
+    total, batch = int(sched["iterations"]), int(sched["batch_size"])
+    stop = stop_iteration(total, config.get("stop_at"))
+    lam_l1, lam_hema = float(lam.get("lambda_l1", 1.0)), float(lam.get("lambda_hema", 0.0))
+    window = int(lam.get("hema_window", 15))
+    student, device = model.student, model.device
+    student.train()
+    last_val: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    bar = progress_bar(start, stop, total, "distill", progress)
+    for it in bar:
+        lr = lr0 * linear_decay(it, int(sched["decay_start"]), total, extra=0.0)
+        set_lr([model.opt], lr)
+        idx = range(it * batch, (it + 1) * batch)
+        b = sample_batch(items, idx, crop, seed, float(config["data"]["min_tissue"]))
+        y = student(b["dscm"].to(device))
+        l1 = nn.functional.l1_loss(y, b["label"].to(device))
+        hema = hematoxylin_loss(y, b["f"].to(device), window=window) if lam_hema > 0 else None
+        loss = lam_l1 * l1 + (lam_hema * hema if hema is not None else 0.0)
+        model.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        model.opt.step()
+        done = it + 1
+        if done % int(config["log_every"]) == 0 or done == stop:
+            values = {
+                "iteration": done,
+                "lr": lr,
+                "loss": float(loss.item()),
+                "l1": float(l1.item()),
+                "hema": float(hema.item()) if hema is not None else 0.0,
+                "seconds": time.perf_counter() - t0,
+            }
+            check_finite(values, done)
+            run.logs["log.csv"].write(values)
+            bar.set_postfix(l1=f"{values['l1']:.4f}", hema=f"{values['hema']:.3f}")
+        if (done % int(config["val_every"]) == 0 or done == total) and len(val):
+            last_val = validate(student, val)
+            run.logs["val.csv"].write({"iteration": done, "model": "student", **last_val})
+        if done % int(config["checkpoint_every"]) == 0 or done == stop:
+            run.save(done, model.parts())
+    return stop, last_val
+
+
+def _export(
+    model: _Distiller, config: Mapping[str, Any], out: Path, val: Mapping[str, Any]
+) -> Path:
+    """Write the student as a plugin checkpoint (architecture, kwargs, recipe, metrics)."""
+    d, st_cfg = config["data"], config["student"]
+    training = {
+        "recipe": "distillation: L1 to the teacher's output (+ hematoxylin-F correlation loss) "
+        "on pseudo-confocal DSCM crops",
+        "teacher": str(config["teacher"]),
+        "iteration": int(config["schedule"]["iterations"]),
+        "schedule": dict(config["schedule"]),
+        "loss": dict(config["loss"]),
+        "optim": dict(config["optim"]),
+        "seed": int(config["seed"]),
+        "student": dict(st_cfg),
+        "flops_ratio_to_teacher": model.flops_ratio,
+        "data": {k: d.get(k) for k in ("he", "bands", "order", "train_splits", "val_splits")},
+        "val": dict(val),
+    }
+    return save_checkpoint(
+        out / "student.safetensors",
+        model.student,
+        architecture=st_cfg["name"],
+        normalization=dict(DSCM_INPUT),
+        training=portable_record(training),
+    )
 
 
 def run_distill(
@@ -221,160 +359,25 @@ def run_distill(
     dict
         ``{"iteration", "checkpoint", "val", "flops_ratio"}`` (student ÷ teacher FLOPs/px).
     """
-    out = Path(config["out"])
-    state_path = out / "state.safetensors"
-    if state_path.exists() and not resume:
-        raise FileExistsError(
-            f"{out} already holds a run (state.safetensors); pass --resume to continue it or "
-            f"choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.json", json.dumps(config, indent=2, default=str))
-    seed = int(config["seed"])
-    seed_everything(seed, config.get("threads"))
-    device = select_device(config.get("device", "auto"), fallback=True)
-    teacher = load_model(config["teacher"], device=device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    st_cfg = config["student"]
-    student = build_model(st_cfg["name"], **st_cfg.get("kwargs", {})).to(device)
-    mult = max(int(getattr(m, "size_multiple", 1)) for m in (teacher, student))
-    crop = int(config["schedule"]["crop"])
-    if crop % mult:
-        raise ValueError(f"schedule.crop {crop} must be a multiple of {mult}")
-    probe = (3, max(crop, 2 * mult), max(crop, 2 * mult))
-    flops_ratio = flops_per_pixel(student, probe) / flops_per_pixel(teacher, probe)
-    lr0 = float(config["optim"]["lr"])
-    opt = torch.optim.Adam(student.parameters(), lr=lr0, betas=tuple(config["optim"]["betas"]))
-    log = CsvLog(out / "log.csv", LOG_FIELDS)
-    val_log = CsvLog(out / "val.csv", VAL_FIELDS)
-    start = 0
-    if resume and state_path.is_file():
-        st = load_state(state_path)
-        student.load_state_dict(st["student"])
-        opt.load_state_dict(st["opt"])
-        start = int(st["iteration"])
-        log.truncate_from("iteration", start + 1)
-        val_log.truncate_from("iteration", start + 1)
-    else:
-        for p in (out / "log.csv", out / "val.csv"):
-            p.unlink(missing_ok=True)
-
-    d = config["data"]
-    regions = load_he_regions(
-        d["he"], bands=int(d["bands"]), order=d["order"], pixel_size_um=d.get("pixel_size_um")
-    )
-    train = [r for s in d["train_splits"] for r in regions[s]]
-    held = [r for s in d["val_splits"] for r in regions[s]]
-    if {(r.slide, r.box) for r in train} & {(r.slide, r.box) for r in held}:
-        raise ValueError("distill: training and validation regions overlap")
-    items = label_regions(
-        teacher,
-        train,
-        realizations=int(config.get("label_realizations", 2)),
-        speckle=d.get("speckle"),
-        seed=seed,
-        tile=int(config.get("label_tile", 512)),
-        device=device,
-    )
-    val = make_validation_set(
-        held,
-        int(d["val_tile"]),
-        int(d["val_tiles"]),
-        min_tissue=float(d["val_min_tissue"]),
-        speckle=d.get("speckle"),
-        seed=seed,
-    )
+    logs = {"log.csv": LOG_FIELDS, "val.csv": VAL_FIELDS}
+    run, device = start_run(config, logs, resume=resume)
+    model = _build(config, device)
+    start = run.resume(model.parts())
+    items, val = _labelled_data(config, model.teacher, int(config["seed"]), device)
     if start == 0 and len(val):
-        for name, model in (("linear-stain (input)", None), ("teacher", teacher)):
-            val_log.write({"iteration": 0, "model": name, **validate(model, val)})
-
-    sched, lam = config["schedule"], config["loss"]
-    total, batch = int(sched["iterations"]), int(sched["batch_size"])
-    stop = min(total, int(config.get("stop_at") or total))
-    lam_l1, lam_hema = float(lam.get("lambda_l1", 1.0)), float(lam.get("lambda_hema", 0.0))
-    window = int(lam.get("hema_window", 15))
-    student.train()
-    last_val: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    bar = tqdm(
-        range(start, stop), desc="distill", initial=start, total=total, disable=not progress
-    )
-    for it in bar:
-        lr = _lr(sched, it, lr0)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        b = sample_batch(
-            items, range(it * batch, (it + 1) * batch), crop, seed, float(d["min_tissue"])
-        )
-        x, target = b["dscm"].to(device), b["label"].to(device)
-        y = student(x)
-        l1 = nn.functional.l1_loss(y, target)
-        hema = hematoxylin_loss(y, b["f"].to(device), window=window) if lam_hema > 0 else None
-        loss = lam_l1 * l1 + (lam_hema * hema if hema is not None else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done = it + 1
-        if done % int(config["log_every"]) == 0 or done == stop:
-            values = {
-                "iteration": done,
-                "lr": lr,
-                "loss": float(loss.item()),
-                "l1": float(l1.item()),
-                "hema": float(hema.item()) if hema is not None else 0.0,
-                "seconds": time.perf_counter() - t0,
-            }
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"non-finite loss at iteration {done}: {values}")
-            log.write(values)
-            bar.set_postfix(l1=f"{values['l1']:.4f}", hema=f"{values['hema']:.3f}")
-        if (done % int(config["val_every"]) == 0 or done == total) and len(val):
-            last_val = validate(student, val)
-            val_log.write({"iteration": done, "model": "student", **last_val})
-            student.train()
-        if done % int(config["checkpoint_every"]) == 0 or done == stop:
-            save_state(
-                state_path,
-                {"iteration": done, "student": student.state_dict(), "opt": opt.state_dict()},
-            )
+        for name, reference in ((INPUT_ROW, None), ("teacher", model.teacher)):
+            run.logs["val.csv"].write({"iteration": 0, "model": name, **validate(reference, val)})
+    stop, last_val = _train(model, items, val, config, run, start, progress)
+    total = int(config["schedule"]["iterations"])
     if stop < total:
         return {"iteration": stop, "stopped": True, "checkpoint": None, "val": last_val}
-    student.eval()
+    model.student.eval()
     if len(val):
-        rows = []
-        for k in range(min(4, len(val))):
-            xk = val.dscm[k]
-            row = [(xk.transpose(1, 2, 0) + 1) / 2, run_generator(teacher, xk)]
-            row.append(run_generator(student, xk))
-            if val.truth is not None:
-                row.append(val.truth[k])
-            rows.append(row)
-        _grid_png(out / "sample.png", rows)
-    training = {
-        "recipe": "distillation: L1 to the teacher's output (+ hematoxylin-F correlation loss) "
-        "on pseudo-confocal DSCM crops",
-        "teacher": str(config["teacher"]),
-        "iteration": total,
-        "schedule": dict(sched),
-        "loss": dict(lam),
-        "optim": dict(config["optim"]),
-        "seed": seed,
-        "student": dict(st_cfg),
-        "flops_ratio_to_teacher": flops_ratio,
-        "data": {k: d.get(k) for k in ("he", "bands", "order", "train_splits", "val_splits")},
-        "val": dict(last_val),
-    }
-    ckpt = save_checkpoint(
-        out / "student.safetensors",
-        student,
-        architecture=st_cfg["name"],
-        normalization=dict(DSCM_INPUT),
-        training=portable_paths(json.loads(json.dumps(training, default=str))),
-    )
+        grid_png(run.out / "sample.png", sample_rows(val, [model.teacher, model.student], 4))
+    ckpt = _export(model, config, run.out, last_val)
     return {
         "iteration": total,
         "checkpoint": str(ckpt),
         "val": last_val,
-        "flops_ratio": flops_ratio,
+        "flops_ratio": model.flops_ratio,
     }

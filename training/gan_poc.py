@@ -1,4 +1,4 @@
-"""GAN proof of concept (thesis §4.1): fit N(0, 1) with an MSE loss vs an adversarial loss.
+"""``python -m training gan-poc`` (thesis §4.1): fit N(0, 1) by an MSE vs an adversarial loss.
 
 The generator maps ``z ~ U(−0.5, 0.5)⁵`` through three fully connected layers (5, 5 and 1
 units; LeakyReLU after the first two, nothing after the last). The target is a fixed sample
@@ -36,7 +36,6 @@ each.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,8 +48,9 @@ from scipy import stats
 from torch import nn
 from tqdm import tqdm
 
-from training.evaluate import write_table
-from training.runstate import seed_everything, write_atomic
+from training.config import write_config
+from training.runstate import seed_everything
+from training.tables import write_table
 
 __all__ = [
     "DEFAULTS",
@@ -213,8 +213,7 @@ def run_gan_poc(config: Mapping[str, Any], *, progress: bool = True) -> list[dic
         One row per (loss, seed), plus the thesis's rows.
     """
     out = Path(config["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.json", json.dumps(config, indent=2))
+    write_config(out, config)
     rows: list[dict[str, Any]] = []
     for seed in config["seeds"]:
         for loss, train in (("mse", train_mse), ("adversarial", train_adversarial)):

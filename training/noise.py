@@ -19,6 +19,8 @@ and resumable from its iteration number alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +31,7 @@ __all__ = [
     "noise_mean",
     "noise_variance",
     "speckle",
+    "speckle_kwargs",
 ]
 
 NOISE_MODELS = ("gamma", "uniform", "rayleigh", "gaussian")
@@ -164,3 +167,17 @@ def add_speckle(
     clean = np.asarray(clean, dtype=np.float32)
     noisy = clean * speckle(clean.shape, model, rng, looks=looks, sigma=sigma)
     return np.clip(noisy, 0.0, 1.0, out=noisy) if clip else noisy
+
+
+def speckle_kwargs(noise: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`add_speckle` from a config's noise entry.
+
+    ``{"model": "gamma", "looks": 5}`` → ``{"model": "gamma", "looks": 5.0}``; the model
+    defaults to ``gamma``, and ``looks`` / ``sigma`` are passed only when the entry has them.
+    """
+    kw: dict[str, Any] = {"model": noise.get("model", "gamma")}
+    if "looks" in noise:
+        kw["looks"] = float(noise["looks"])
+    if "sigma" in noise:
+        kw["sigma"] = float(noise["sigma"])
+    return kw

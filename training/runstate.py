@@ -1,22 +1,23 @@
-"""What every training command shares: configs, resumable state files, CSV logs, seeding.
+"""A resumable run: its state file, its folder and seeding.
 
 Resume state (models, optimizers, GradScaler, image pools, iteration) is written as a
 safetensors file whose tensors are the leaves of a nested structure and whose header holds the
 JSON skeleton of that structure — no pickle is ever written or read, like the plugin's model
 checkpoints. Every file is written atomically (temporary name in the destination folder, then
 rename), so an interrupted run leaves the previous state intact.
+
+:class:`RunFolder` is the one resume protocol of the trainers (``cyclegan``, ``distill``, each
+``despeckle`` variant): refuse to overwrite a run unless resuming, restore the last state, and
+drop the log rows a resumed run will write again.
 """
 
 from __future__ import annotations
 
-import copy
-import csv
 import json
-import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,31 +26,13 @@ from safetensors.torch import save as st_save
 
 from napari_confocal_stain._fs import write_atomic
 from napari_confocal_stain.errors import CheckpointError
+from napari_confocal_stain.inference import select_device
+from training.config import write_config
+from training.tables import CsvLog
 
-__all__ = [
-    "CONFIG_DIR",
-    "CsvLog",
-    "apply_overrides",
-    "deep_update",
-    "expand_paths",
-    "load_config",
-    "load_state",
-    "portable_paths",
-    "save_state",
-    "seed_everything",
-    "write_atomic",
-]
+__all__ = ["RunFolder", "Stateful", "load_state", "save_state", "seed_everything", "start_run"]
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-"""Bundled configurations (``<command>_<preset>.json``)."""
 STATE_KEY = "training_state"
-_REPO = Path(__file__).resolve().parent.parent
-
-
-def default_data_dir() -> Path:
-    """Where ``${NCS_DATA}`` points: the env var, else ``../shared/data`` next to the repo."""
-    env = os.environ.get("NCS_DATA")
-    return Path(env) if env else (_REPO.parent / "shared" / "data")
 
 
 # ---------------------------------------------------------------------------------- files
@@ -144,197 +127,6 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return _decode(skeleton, tensors)
 
 
-# --------------------------------------------------------------------------------- configs
-
-
-def deep_update(base: dict, update: Mapping[str, Any]) -> dict:
-    """``base`` with ``update`` merged in recursively (dicts merge, everything else replaces)."""
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = deep_update(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
-    """Apply ``key.sub=value`` overrides (values parsed as JSON, else kept as strings).
-
-    Examples
-    --------
-    >>> apply_overrides({"train": {"lr": 1}}, ["train.lr=0.5", "seed=3"])
-    {'train': {'lr': 0.5}, 'seed': 3}
-    """
-    out = copy.deepcopy(config)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
-    return out
-
-
-def expand_paths(value: Any) -> Any:
-    """Replace ``${NCS_DATA}`` in every string of a config by :func:`default_data_dir`."""
-    if isinstance(value, str):
-        return value.replace("${NCS_DATA}", str(default_data_dir()))
-    if isinstance(value, list):
-        return [expand_paths(v) for v in value]
-    if isinstance(value, dict):
-        return {k: expand_paths(v) for k, v in value.items()}
-    return value
-
-
-def _read_toml(text: str) -> dict[str, Any]:
-    try:
-        import tomllib  # Python ≥ 3.11
-    except ImportError:  # pragma: no cover - Python 3.10
-        raise ValueError("TOML configs need Python ≥ 3.11 (tomllib); use JSON") from None
-    return tomllib.loads(text)
-
-
-def portable_paths(value: Any) -> Any:
-    """The inverse of :func:`expand_paths`: the data folder becomes ``${NCS_DATA}`` again.
-
-    Checkpoint metadata records data paths this way, so it names the same public files on
-    every machine instead of one machine's folders.
-    """
-    root = str(default_data_dir())
-    if isinstance(value, str):
-        return value.replace(root, "${NCS_DATA}")
-    if isinstance(value, list):
-        return [portable_paths(v) for v in value]
-    if isinstance(value, dict):
-        return {k: portable_paths(v) for k, v in value.items()}
-    return value
-
-
-def load_config(
-    name_or_path: str | Path | None, defaults: Mapping[str, Any], command: str
-) -> dict[str, Any]:
-    """A command's configuration: defaults, updated by a preset or file.
-
-    Parameters
-    ----------
-    name_or_path
-        ``None`` (defaults only), a preset name (``"smoke"``, ``"full"``, …: the file
-        ``configs/<command>_<name>.json`` or ``.toml``) or a path to a JSON / TOML file.
-    defaults
-        The command's defaults.
-    command
-        Command name, for preset lookup and messages.
-
-    Returns
-    -------
-    dict
-        With ``${NCS_DATA}`` expanded.
-
-    Raises
-    ------
-    ValueError
-        Unknown preset, unreadable file.
-    """
-    config = copy.deepcopy(dict(defaults))
-    if name_or_path is not None:
-        path = Path(name_or_path)
-        if not path.suffix:
-            stem = f"{command.replace('-', '_')}_{name_or_path}"
-            candidates = [CONFIG_DIR / f"{stem}.json", CONFIG_DIR / f"{stem}.toml"]
-            found = [c for c in candidates if c.is_file()]
-            if not found:
-                presets = sorted(
-                    p.stem.split("_", 1 + command.count("-"))[-1]
-                    for p in CONFIG_DIR.glob(f"{command.replace('-', '_')}_*")
-                )
-                raise ValueError(
-                    f"no {command} preset {str(name_or_path)!r}; presets: {', '.join(presets)}"
-                )
-            path = found[0]
-        if not path.is_file():
-            raise ValueError(f"{path}: config file not found")
-        try:
-            text = path.read_text()
-            loaded = _read_toml(text) if path.suffix == ".toml" else json.loads(text)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot read the config ({exc})") from None
-        loaded.pop("_comment", None)
-        config = deep_update(config, loaded)
-    return expand_paths(config)
-
-
-# ------------------------------------------------------------------------------------- logs
-
-
-class CsvLog:
-    """Append rows to a CSV file, writing the header once (the file survives resumes).
-
-    On resume, rows of iterations at or after the resume point are dropped first, so the log
-    of a resumed run equals that of an uninterrupted one.
-
-    Parameters
-    ----------
-    path
-        The CSV file.
-    fields
-        Column names.
-    """
-
-    def __init__(self, path: str | Path, fields: Iterable[str]) -> None:
-        self.path = Path(path)
-        self.fields = list(fields)
-
-    def truncate_from(self, column: str, value: float) -> None:
-        """Drop rows whose ``column`` is ≥ ``value`` (the part a resumed run will redo)."""
-        if not self.path.is_file():
-            return
-        with self.path.open(newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if float(r[column]) < value]
-        text = _csv_text(self.fields, rows)
-        write_atomic(self.path, text)
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        """Append one row (missing fields are blank; floats are written with 6 significant
-        digits)."""
-        new = not self.path.is_file()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: _fmt(v) for k, v in row.items()})
-
-
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v
-
-
-def _csv_text(fields: list[str], rows: list[Mapping[str, Any]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _fmt(v) for k, v in r.items()})
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------------------------- seeding
 
 
@@ -354,3 +146,99 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(int(threads))
+
+
+# ------------------------------------------------------------------------------- run folder
+
+
+class Stateful(Protocol):
+    """What a resume state is made of: models, optimizers, a GradScaler, image pools."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+class RunFolder:
+    """A trainer's output folder: ``state.safetensors`` and the CSV logs that go with it.
+
+    Parameters
+    ----------
+    out
+        The folder.
+    logs
+        Log file name → columns, e.g. ``{"log.csv": LOG_FIELDS, "val.csv": VAL_FIELDS}``;
+        every log has an ``iteration`` column.
+    resume
+        Continue from ``state.safetensors`` if it is there.
+    """
+
+    def __init__(
+        self, out: str | Path, logs: Mapping[str, Sequence[str]], *, resume: bool
+    ) -> None:
+        self.out = Path(out)
+        self.state_path = self.out / "state.safetensors"
+        self.logs = {name: CsvLog(self.out / name, fields) for name, fields in logs.items()}
+        self.resuming = resume
+
+    def refuse_existing(self) -> None:
+        """Raise ``FileExistsError`` if the folder holds a run and we are not resuming."""
+        if self.state_path.exists() and not self.resuming:
+            raise FileExistsError(
+                f"{self.out} already holds a run (state.safetensors); pass --resume to "
+                f"continue it or choose another --out"
+            )
+
+    def _restore(self) -> dict[str, Any] | None:
+        """The saved state when resuming, else None.
+
+        Resuming drops the log rows from the state's next iteration on (the resumed run
+        writes them again); otherwise stale logs and state of an earlier run are removed, so
+        a fresh run starts from empty files.
+        """
+        if self.resuming and self.state_path.is_file():
+            state = load_state(self.state_path)
+            for log in self.logs.values():
+                log.truncate_from("iteration", int(state["iteration"]) + 1)
+            return state
+        for log in self.logs.values():
+            log.remove()
+        if self.state_path.is_file():
+            self.state_path.unlink()
+        return None
+
+    def resume(self, parts: Mapping[str, Stateful]) -> int:
+        """Load the last state into ``parts`` when resuming; the iteration to start from.
+
+        ``parts`` maps state keys to objects with ``load_state_dict`` (models, optimizers,
+        a GradScaler, image pools), loaded in order. A part saved empty (a disabled GradScaler,
+        an empty pool) is left as built. A fresh run starts at 0 (see :meth:`_restore`).
+        """
+        state = self._restore()
+        if state is None:
+            return 0
+        for key, part in parts.items():
+            if len(state[key]):
+                part.load_state_dict(state[key])
+        return int(state["iteration"])
+
+    def save(self, iteration: int, parts: Mapping[str, Stateful]) -> Path:
+        """Write ``state.safetensors``: the iteration and every part's ``state_dict()``."""
+        state = {"iteration": iteration, **{k: p.state_dict() for k, p in parts.items()}}
+        return save_state(self.state_path, state)
+
+
+def start_run(
+    config: Mapping[str, Any], logs: Mapping[str, Sequence[str]], *, resume: bool
+) -> tuple[RunFolder, torch.device]:
+    """Open a trainer's run in ``config["out"]`` and seed it; its folder and device.
+
+    Refuses an existing run unless resuming, records ``config.json``, seeds Python and torch
+    (``config["seed"]``, ``config["threads"]``) and picks ``config["device"]``, falling back
+    to the CPU when the requested device is missing.
+    """
+    run = RunFolder(config["out"], logs, resume=resume)
+    run.refuse_existing()
+    write_config(run.out, config)
+    seed_everything(int(config["seed"]), config.get("threads"))
+    return run, select_device(config.get("device", "auto"), fallback=True)

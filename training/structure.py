@@ -1,4 +1,4 @@
-"""Structure-preserving losses for stain training (issue 8): keep every nucleus of F.
+"""Structure-preserving losses for stain training: keep every nucleus of F.
 
 The clinician's objection to the thesis's U-Net is that it erases nuclei. A CycleGAN's losses
 do not forbid it: the cycle can encode a nucleus in a colour shade the discriminator accepts.
