@@ -1,1 +1,2 @@
-"""Pure array code (no Qt, no napari): normalisation, linear stain, tiling, inference, metrics."""
+"""Pure array code (numpy only): boxes, normalisation, linear stains, tiling plans, seams,
+hallucination metrics and nuclei. No torch, no Qt, nothing above it in the package."""

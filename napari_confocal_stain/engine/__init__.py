@@ -1,1 +1,2 @@
-"""Region renderer: tile cache, scheduler, cancellation (no Qt)."""
+"""Products of any box of a slide and the tile renderer that computes them for the
+viewer: pipeline, scheduler, cancellation, caches, blending (no Qt)."""
