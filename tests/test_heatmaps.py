@@ -305,16 +305,31 @@ def test_live_mode_measures_tiles_as_the_engine_lands_them(
     # keeps its finest measurement (a 512-px cell is one level-0 tile, a quarter of a
     # level-1 tile; napari's own first view of the whole slide asked for level 1).
     renderer = live.renderer
-    covered = np.zeros(maps.grid, bool)
-    finest = np.full(maps.grid, 255)
-    for level in range(len(renderer.level_shapes)):
-        k = 2**level  # cells per tile side at this level
-        gy, gx = renderer.grid(level)
-        for ty, tx in np.ndindex(gy, gx):
-            if renderer.is_done(level, ty, tx):
-                sl = (slice(ty * k, (ty + 1) * k), slice(tx * k, (tx + 1) * k))
-                covered[sl] = True
-                finest[sl] = np.minimum(finest[sl], level)
+
+    def landed() -> tuple[np.ndarray, np.ndarray]:
+        covered = np.zeros(maps.grid, bool)
+        finest = np.full(maps.grid, 255)
+        for level in range(len(renderer.level_shapes)):
+            k = 2**level  # cells per tile side at this level
+            gy, gx = renderer.grid(level)
+            for ty, tx in np.ndindex(gy, gx):
+                if renderer.is_done(level, ty, tx):
+                    sl = (slice(ty * k, (ty + 1) * k), slice(tx * k, (tx + 1) * k))
+                    covered[sl] = True
+                    finest[sl] = np.minimum(finest[sl], level)
+        return covered, finest
+
+    # napari's own draws may still land a tile after the first wait: measuring follows
+    # landing, so wait until both are idle and agree.
+    qtbot.waitUntil(
+        lambda: (
+            renderer.wait_idle(0.1)
+            and widget.wait_live(0.1)
+            and np.array_equal(maps.measured, landed()[0])
+        ),
+        timeout=30_000,
+    )
+    covered, finest = landed()
     assert renderer.is_done(0, 0, 0) and not renderer.is_done(0, 0, 2)
     np.testing.assert_array_equal(maps.measured, covered)
     np.testing.assert_array_equal(maps.levels[covered], finest[covered])
