@@ -325,10 +325,11 @@ def test_live_mode_measures_tiles_as_the_engine_lands_them(
         lambda: (
             renderer.wait_idle(0.1)
             and widget.wait_live(0.1)
-            and np.array_equal(maps.measured, landed()[0])
+            and np.array_equal(next(iter(widget.results().values())).measured, landed()[0])
         ),
         timeout=30_000,
     )
+    maps = next(iter(widget.results().values()))
     covered, finest = landed()
     assert renderer.is_done(0, 0, 0) and not renderer.is_done(0, 0, 2)
     np.testing.assert_array_equal(maps.measured, covered)
