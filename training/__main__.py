@@ -8,6 +8,7 @@ Commands (each has ``--help``):
 ``distill``        distil a stain model into a light student (issue 8), resumable
 ``gan-poc``        the thesis's GAN proof of concept (MSE vs adversarial, KS test)
 ``evaluate``       score stain models and despecklers on held-out data
+``calibrate``      calibrate a stain model's hallucination flags (thresholds into its checkpoint)
 
 Every command reads a configuration: defaults, then ``--config`` (a preset name such as
 ``smoke`` / ``full`` / ``cpu`` from ``training/configs/``, or a JSON / TOML file), then
@@ -164,6 +165,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from training.calibrate import DEFAULTS, run_calibrate
+
+    config = _resolve(args, DEFAULTS, "calibrate")
+    for key in ("model", "card"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    if args.in_place:
+        config["in_place"] = True
+    if args.print_config:
+        print(json.dumps(config, indent=2))
+        return 0
+    print(json.dumps(run_calibrate(config, progress=not args.no_progress), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m training`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -256,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="despeckle checkpoints or bundled names (default: despeckle-combalia)",
     )
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="calibrate a stain model's hallucination flags",
+        description="Stain known-good held-out pairs with the model, set each flag "
+        "signal's threshold per cell size for a target false-flag rate, and write a "
+        "checkpoint with the same tensors and the calibration in its metadata "
+        "(extra.flag_calibration), plus a model-card section.",
+    )
+    _add_common(p, "calibrate")
+    p.add_argument("--model", default=None, help="bundled name or checkpoint (config: model)")
+    p.add_argument(
+        "--in-place", action="store_true", help="rewrite the model's checkpoint file itself"
+    )
+    p.add_argument(
+        "--card", default=None, help="model card to update (default: <out>.md if it exists)"
+    )
+    p.set_defaults(func=_cmd_calibrate)
     return parser
 
 

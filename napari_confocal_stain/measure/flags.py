@@ -492,15 +492,13 @@ def cell_signals(maps: Mapping[str, Any], cell: int, origin: tuple[int, int] = (
         # drift on a tissue is its normal behaviour; a patch that departs from the rest
         # of its cell is not.
         out = None
-        for layer in layers:
-            v = layer[sub]
+        for v in layers:
             c = cells.max(v - cells.expand(cells.median(v, mask)), mask)
             out = c if out is None else np.fmax(out, c)
         return out
 
-    signals["texture"] = centred_max(maps["texture"], look)
-    signals["detail_loss"] = centred_max(maps["detail_loss"], look)
-    signals["periodic"] = centred_max(maps["periodic"], look)
+    for name in ("texture", "detail_loss", "periodic"):
+        signals[name] = centred_max([layer[sub] for layer in maps[name]], look)
     if maps["colour"] is None:
         signals["colour"] = np.full(grid, np.nan)
     else:
