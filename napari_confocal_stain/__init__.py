@@ -15,6 +15,7 @@ _LAZY = {
     "ConfocalMosaic": "napari_confocal_stain.io.mosaic",
     "open_mosaic": "napari_confocal_stain.io.readers",
     "find_mosaics": "napari_confocal_stain.io.readers",
+    "flag_hallucinations": "napari_confocal_stain.measure.flags",
     "linear_stain": "napari_confocal_stain.core.linear_stain",
     "write_synthetic_mosaic": "napari_confocal_stain.io.synthetic",
 }
@@ -23,6 +24,7 @@ __all__ = [
     "ConfocalMosaic",
     "__version__",
     "find_mosaics",
+    "flag_hallucinations",
     "linear_stain",
     "open_mosaic",
     "write_synthetic_mosaic",
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_confocal_stain.io.mosaic import ConfocalMosaic
     from napari_confocal_stain.io.readers import find_mosaics, open_mosaic
     from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
+    from napari_confocal_stain.measure.flags import flag_hallucinations
 
 
 def __getattr__(name: str) -> Any:
