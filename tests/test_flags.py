@@ -168,7 +168,7 @@ def test_calibration_round_trip(tmp_path, calibration):
     assert via_path["model"] == "tiny"
     assert np.array_equal(via_path["score"], via_cal["score"])
     # A checkpoint without calibration is refused with its path in the message.
-    with pytest.raises(ValueError, match="tiny.safetensors.*no hallucination-flag calibration"):
+    with pytest.raises(ValueError, match=r"tiny\.safetensors.*no hallucination-flag calibration"):
         flag_hallucinations(r, f, pairs[0].stained, cell=64, model=src)
 
 
@@ -245,7 +245,7 @@ def test_missing_or_broken_checkpoint(tmp_path):
                             model=tmp_path / "nope.safetensors")  # fmt: skip
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="bad.safetensors"):
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors"):
         flag_hallucinations(img, img, np.ones((128, 128, 3)), cell=64, model=bad)
     with pytest.raises(ValueError, match="malformed flag calibration"):
         FlagCalibration.from_dict({"cells": [64]})
