@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "in_place": False,
     "card": None,
     "cells": [64, 128, 256, 512, 1024],
-    "target_false_flag_rate": 0.04,
+    "target_false_flag_rate": 0.08,
     "strategy": "seamless",
     "tile": 512,
     "data": {
@@ -225,7 +225,7 @@ def calibrate_model(
     pairs: Sequence[Pair],
     *,
     cells: Sequence[int] = (64, 128, 256, 512, 1024),
-    target: float = 0.04,
+    target: float = 0.08,
     model_name: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Any:

@@ -98,6 +98,7 @@ _PERIODS = (1, 2, 4)  # half-periods (px) of the checkerboards of 1, 2, 3 stride
 _TRUNCATE = 3.0
 _Z_FLOOR = 0.05  # log units: a cell of uniform detail has no spread to divide by
 _PALETTE_BINS = 48
+_DARK_LUMINANCE = 0.15
 _COLOURED_OD = 0.3  # summed optical density below this is near-white: no chromaticity
 _MIN_GAIN_NUCLEI = 5  # clear F nuclei a cell needs for its own gain
 # F at a stain nucleus explains up to this many times its response (a model renders some
@@ -389,6 +390,9 @@ def pixel_maps(
     def log_ratio(o: np.ndarray, i: np.ndarray, floor: float = _ENERGY_FLOOR) -> np.ndarray:
         return 0.5 * np.log((o + floor) / (i + floor))
 
+    # Where the output is near-black (a saturated nucleus, say), it has no detail left to
+    # lose: a rendering choice, not an erasure.
+    lit = _gauss(y_out, sw)[lat] > _DARK_LUMINANCE
     up, down = [], []
     for b_out, b_in in zip(bands(y_out), bands(y_in), strict=True):
         e_out = _gauss(b_out * b_out, sw)[lat]
@@ -398,7 +402,7 @@ def pixel_maps(
         # with the input's band), and input detail the output lost.
         unexplained = np.maximum(e_out - cov * cov / (e_in + _ENERGY_FLOOR), 0.0)
         up.append(log_ratio(unexplained, e_in))
-        down.append(-log_ratio(e_out, e_in))
+        down.append(np.where(lit, -log_ratio(e_out, e_in), -np.inf))
     maps["texture"] = up
     maps["detail_loss"] = down
 
@@ -487,18 +491,25 @@ def cell_signals(maps: Mapping[str, Any], cell: int, origin: tuple[int, int] = (
     signals["ssim"] = 1.0 - thesis["ssim"]
     signals["structure"] = cells.max(maps["structure"][sub], look)
 
-    def centred_max(layers: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
+    def centred_max(layers: list[np.ndarray], mask: np.ndarray, loss: bool = False):
         # Against the cell's median: a model's overall sharpening, smoothing or palette
         # drift on a tissue is its normal behaviour; a patch that departs from the rest
-        # of its cell is not.
+        # of its cell is not. A loss is only a loss where the output has less detail than
+        # its input: where the model adds detail to most of a cell, a patch it merely
+        # leaves as sharp as the input is no loss.
         out = None
         for v in layers:
-            c = cells.max(v - cells.expand(cells.median(v, mask)), mask)
+            m = mask & np.isfinite(v)
+            med = cells.median(v, m)
+            if loss:
+                med = np.maximum(med, 0.0)
+            c = cells.max(v - cells.expand(med), m)
             out = c if out is None else np.fmax(out, c)
         return out
 
     for name in ("texture", "detail_loss", "periodic"):
-        signals[name] = centred_max([layer[sub] for layer in maps[name]], look)
+        layers = [layer[sub] for layer in maps[name]]
+        signals[name] = centred_max(layers, look, loss=name == "detail_loss")
     if maps["colour"] is None:
         signals["colour"] = np.full(grid, np.nan)
     else:
