@@ -540,9 +540,7 @@ def cell_signals(maps: Mapping[str, Any], cell: int, origin: tuple[int, int] = (
     s_h = np.minimum(hn[:, 2] / gain_map[iy, ix], 1.0)
     invented = s_h - _INVENTED_F_WEIGHT * hn[:, 3]
     signals["erased_nuclei"] = np.where(tissue, _point_cells(fn, erased, cell, grid), np.nan)
-    signals["invented_nuclei"] = np.where(
-        tissue, _point_cells(hn, invented, cell, grid), np.nan
-    )
+    signals["invented_nuclei"] = np.where(tissue, _point_cells(hn, invented, cell, grid), np.nan)
     return {
         "signals": signals,
         "tissue": tissue,
