@@ -1,41 +1,44 @@
 """Calibrated hallucination flags: which grid cells of a GAN stain deserve a pathologist's look.
 
 :func:`flag_hallucinations` compares a stained output with the confocal pair it was made
-from, cell by cell, with several cheap signals (each "higher = more suspicious"), divides
-each by a threshold calibrated for the model and the cell size, and flags a tissue cell
-when any ratio exceeds 1::
+from, cell by cell, with several cheap signals (each "higher = more suspicious"), scales
+each by its median ``m_k`` and threshold ``t_k`` calibrated for the model and the cell size,
+and flags a tissue cell when any signal exceeds its threshold::
 
-    score(cell) = max_k  signal_k(cell) / threshold_k(model, cell size)
-    flagged     = tissue(cell) and score > 1
-    reasons     = the k with signal_k > threshold_k
+    ratio_k = max(0, s_k − m_k) / (t_k − m_k)
+    score   = max_k ratio_k          flagged = tissue and score > 1
+    reasons = the k with ratio_k > 1
 
 The thresholds come from known-good held-out pairs stained by the same model
-(``python -m training calibrate``), stored in the checkpoint's metadata under
-``extra.flag_calibration`` (see :class:`FlagCalibration`). Signals (exact definitions in
-``docs/flags.md``):
+(``python -m training calibrate``): each signal's ``q``-quantile over known-good tissue
+cells, one ``q`` for all signals chosen so that a target share of those cells is flagged by
+any signal; stored in the checkpoint's metadata under ``extra.flag_calibration`` (see
+:class:`FlagCalibration`). Signals (exact definitions in ``docs/flags.md``):
 
 ``lbp_chi2``          χ² distance of the cell's 256-code LBP histograms, linear stain vs
                       output (thesis §3.5; :mod:`napari_confocal_stain.core.metrics`).
 ``ssim``              1 − SSIM of the cell (thesis §3.5).
 ``structure``         1 − the lowest local SSIM in the cell (SSIM map averaged over a
                       12 µm Gaussian window): a patch whose structure is not the input's.
-``colour``            largest local colour residual: the output's optical density regressed
-                      on the input's R and F over the cell, residual averaged over a window.
-``texture``           largest local excess of fine or mid-band detail energy (output / input,
-                      in log units) over the cell's median excess: invented texture, noise.
-``detail_loss``       the same, deficit: smeared or flattened (mode-collapse) patches.
-``periodic``          largest local excess of energy at the grid frequencies of stride-2
-                      upsampling (periods 2, 4, 8 px) over the cell's median: checkerboards.
+``colour``            largest local improbability of the output's colour under the model's
+                      calibrated palette (optical-density chromaticities), over the cell's
+                      median: blotches.
+``texture``           largest local output detail the input does not explain (three bands,
+                      log units against the input's detail), over the cell's median.
+``detail_loss``       largest local loss of the input's detail, over the cell's median
+                      when the model generally smooths it: smeared or flattened patches.
+``periodic``          largest local power at the checkerboard frequencies of stride-2
+                      upsampling (periods 2, 4, 8 px), output against input, over the
+                      cell's median.
 ``erased_nuclei``     strongest F nucleus without hematoxylin at its place: F's LoG
-                      response minus the output hematoxylin's (in F units, through the
-                      model's calibrated gain).
-``invented_nuclei``   strongest hematoxylin nucleus without F at its place (same units).
+                      response minus the output hematoxylin's through the model's gain.
+``invented_nuclei``   strongest hematoxylin nucleus where F is flat (same units).
 
 Tissue: a pixel is tissue where ``max(R, F)``, smoothed with a 2 µm Gaussian, exceeds
 :data:`TISSUE_LEVEL` (glass and mounting medium return almost neither reflectance nor
 fluorescence); a cell is a tissue cell when at least :data:`MIN_TISSUE_FRACTION` of it is
-tissue. Local signals only look at tissue (dilated by one window); background cells are
-never flagged.
+tissue. Local signals look at tissue half a window inside its border, nuclei only on
+tissue; background cells are never flagged (score 0).
 """
 
 from __future__ import annotations
@@ -96,7 +99,6 @@ _GATHER_UM = 2.5  # a nucleus "is there" in the other image within this distance
 _ENERGY_FLOOR = 1e-4  # (0.01)²: below a 1 % luminance ripple, detail energies are equal
 _PERIODS = (1, 2, 4)  # half-periods (px) of the checkerboards of 1, 2, 3 stride-2 ups
 _TRUNCATE = 3.0
-_Z_FLOOR = 0.05  # log units: a cell of uniform detail has no spread to divide by
 _PALETTE_BINS = 48
 _DARK_LUMINANCE = 0.15
 _COLOURED_OD = 0.3  # summed optical density below this is near-white: no chromaticity
