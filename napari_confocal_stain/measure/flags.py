@@ -101,6 +101,7 @@ _PERIODS = (1, 2, 4)  # half-periods (px) of the checkerboards of 1, 2, 3 stride
 _TRUNCATE = 3.0
 _PALETTE_BINS = 48
 _DARK_LUMINANCE = 0.15
+_LOSS_MARGIN = 0.5  # log units: a "loss" may keep up to e (2.7x) the input's detail energy
 _COLOURED_OD = 0.3  # summed optical density below this is near-white: no chromaticity
 _MIN_GAIN_NUCLEI = 5  # clear F nuclei a cell needs for its own gain
 # F at a stain nucleus explains up to this many times its response (a model renders some
@@ -496,16 +497,16 @@ def cell_signals(maps: Mapping[str, Any], cell: int, origin: tuple[int, int] = (
     def centred_max(layers: list[np.ndarray], mask: np.ndarray, loss: bool = False):
         # Against the cell's median: a model's overall sharpening, smoothing or palette
         # drift on a tissue is its normal behaviour; a patch that departs from the rest
-        # of its cell is not. A loss is only a loss where the output has less detail than
-        # its input: where the model adds detail to most of a cell, a patch it merely
-        # leaves as sharp as the input is no loss.
+        # of its cell is not. A loss must also be (nearly) a loss against the input:
+        # where the model adds detail to most of a cell, a patch it merely leaves as
+        # sharp as the input has lost nothing.
         out = None
         for v in layers:
             m = mask & np.isfinite(v)
-            med = cells.median(v, m)
+            rel = v - cells.expand(cells.median(v, m))
             if loss:
-                med = np.maximum(med, 0.0)
-            c = cells.max(v - cells.expand(med), m)
+                rel = np.minimum(rel, v + _LOSS_MARGIN)
+            c = cells.max(rel, m)
             out = c if out is None else np.fmax(out, c)
         return out
 
