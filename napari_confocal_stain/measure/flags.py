@@ -25,8 +25,8 @@ any signal; stored in the checkpoint's metadata under ``extra.flag_calibration``
                       median: blotches.
 ``texture``           largest local output detail the input does not explain (three bands,
                       log units against the input's detail), over the cell's median.
-``detail_loss``       largest local loss of the input's detail, over the cell's median
-                      when the model generally smooths it: smeared or flattened patches.
+``detail_loss``       largest local loss of the input's detail (three bands), over the
+                      cell's median: smeared or flattened (mode-collapse) patches.
 ``periodic``          largest local power at the checkerboard frequencies of stride-2
                       upsampling (periods 2, 4, 8 px), output against input, over the
                       cell's median.
@@ -100,8 +100,6 @@ _ENERGY_FLOOR = 1e-4  # (0.01)²: below a 1 % luminance ripple, detail energies 
 _PERIODS = (1, 2, 4)  # half-periods (px) of the checkerboards of 1, 2, 3 stride-2 ups
 _TRUNCATE = 3.0
 _PALETTE_BINS = 48
-_DARK_LUMINANCE = 0.15
-_LOSS_MARGIN = 0.5  # log units: a "loss" may keep up to e (2.7x) the input's detail energy
 _COLOURED_OD = 0.3  # summed optical density below this is near-white: no chromaticity
 _MIN_GAIN_NUCLEI = 5  # clear F nuclei a cell needs for its own gain
 # F at a stain nucleus explains up to this many times its response (a model renders some
@@ -393,9 +391,6 @@ def pixel_maps(
     def log_ratio(o: np.ndarray, i: np.ndarray, floor: float = _ENERGY_FLOOR) -> np.ndarray:
         return 0.5 * np.log((o + floor) / (i + floor))
 
-    # Where the output is near-black (a saturated nucleus, say), it has no detail left to
-    # lose: a rendering choice, not an erasure.
-    lit = _gauss(y_out, sw)[lat] > _DARK_LUMINANCE
     up, down = [], []
     for b_out, b_in in zip(bands(y_out), bands(y_in), strict=True):
         e_out = _gauss(b_out * b_out, sw)[lat]
@@ -405,7 +400,7 @@ def pixel_maps(
         # with the input's band), and input detail the output lost.
         unexplained = np.maximum(e_out - cov * cov / (e_in + _ENERGY_FLOOR), 0.0)
         up.append(log_ratio(unexplained, e_in))
-        down.append(np.where(lit, -log_ratio(e_out, e_in), -np.inf))
+        down.append(-log_ratio(e_out, e_in))
     maps["texture"] = up
     maps["detail_loss"] = down
 
@@ -494,25 +489,20 @@ def cell_signals(maps: Mapping[str, Any], cell: int, origin: tuple[int, int] = (
     signals["ssim"] = 1.0 - thesis["ssim"]
     signals["structure"] = cells.max(maps["structure"][sub], look)
 
-    def centred_max(layers: list[np.ndarray], mask: np.ndarray, loss: bool = False):
+    def centred_max(layers: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
         # Against the cell's median: a model's overall sharpening, smoothing or palette
         # drift on a tissue is its normal behaviour; a patch that departs from the rest
-        # of its cell is not. A loss must also be (nearly) a loss against the input:
-        # where the model adds detail to most of a cell, a patch it merely leaves as
-        # sharp as the input has lost nothing.
+        # of its cell is not.
         out = None
         for v in layers:
             m = mask & np.isfinite(v)
             rel = v - cells.expand(cells.median(v, m))
-            if loss:
-                rel = np.minimum(rel, v + _LOSS_MARGIN)
             c = cells.max(rel, m)
             out = c if out is None else np.fmax(out, c)
         return out
 
     for name in ("texture", "detail_loss", "periodic"):
-        layers = [layer[sub] for layer in maps[name]]
-        signals[name] = centred_max(layers, look, loss=name == "detail_loss")
+        signals[name] = centred_max([layer[sub] for layer in maps[name]], look)
     if maps["colour"] is None:
         signals["colour"] = np.full(grid, np.nan)
     else:
