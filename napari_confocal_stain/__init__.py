@@ -4,7 +4,8 @@ The headless API in one import::
 
     from napari_confocal_stain import (
         open_mosaic, linear_stain, load_model, stain_region, despeckle_region,
-        StainPipeline, StainSettings, hallucination_maps, export_slide,
+        StainPipeline, StainSettings, hallucination_maps, flag_hallucinations,
+        export_slide,
     )
 
 Names are imported lazily, so ``import napari_confocal_stain`` stays cheap (no torch, no
@@ -26,6 +27,7 @@ _LAZY = {
     "write_synthetic_mosaic": "napari_confocal_stain.io.synthetic",
     "linear_stain": "napari_confocal_stain.core.linear_stain",
     "hallucination_maps": "napari_confocal_stain.core.metrics",
+    "flag_hallucinations": "napari_confocal_stain.measure.flags",
     "load_model": "napari_confocal_stain.inference.device",
     "stain_region": "napari_confocal_stain.inference.region",
     "despeckle_region": "napari_confocal_stain.inference.despeckle",
@@ -42,6 +44,7 @@ __all__ = [
     "despeckle_region",
     "export_slide",
     "find_mosaics",
+    "flag_hallucinations",
     "hallucination_maps",
     "linear_stain",
     "load_model",
@@ -61,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_confocal_stain.io.mosaic import ConfocalMosaic
     from napari_confocal_stain.io.readers import find_mosaics, open_mosaic
     from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
+    from napari_confocal_stain.measure.flags import flag_hallucinations
 
 
 def __getattr__(name: str) -> Any:

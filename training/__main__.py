@@ -8,6 +8,7 @@ Commands (each has ``--help``; :data:`COMMANDS` is the registry):
 ``distill``        distil a stain model into a light student, resumable
 ``gan-poc``        the thesis's GAN proof of concept (MSE vs adversarial, KS test)
 ``evaluate``       score stain models and despecklers on held-out data
+``calibrate``      calibrate a stain model's hallucination flags (thresholds into its checkpoint)
 
 Every command reads a configuration: defaults, then ``--config`` (a preset name such as
 ``smoke`` / ``full`` / ``cpu`` from ``training/configs/``, or a JSON / TOML file), then
@@ -208,6 +209,28 @@ COMMANDS: tuple[Command, ...] = (
         ),
         progress=False,
         show=_show_evaluate,
+    ),
+    Command(
+        "calibrate",
+        "training.calibrate:run_calibrate",
+        help="calibrate a stain model's hallucination flags",
+        description="Stain known-good held-out pairs with the model, set each flag signal's "
+        "threshold per cell size for a target false-flag rate, and write a checkpoint with "
+        "the same tensors and the calibration in its metadata (extra.flag_calibration), plus "
+        "a model-card section.",
+        options=(
+            Option(("--model",), "model", {"help": "bundled name or checkpoint (config: model)"}),
+            Option(
+                ("--in-place",),
+                "in_place",
+                {"action": "store_true", "help": "rewrite the model's checkpoint file itself"},
+            ),
+            Option(
+                ("--card",),
+                "card",
+                {"help": "model card to update (default: <out>.md if it exists)"},
+            ),
+        ),
     ),
 )
 """The subcommands, in the order ``--help`` lists them."""

@@ -1,10 +1,20 @@
-"""Measuring a stained slide: per-cell hallucination maps and their reports.
+"""Measuring a stained slide: per-cell hallucination maps, calibrated flags, reports.
 
 :mod:`~napari_confocal_stain.measure.slide` streams a slide through the metrics cell by
-cell; :mod:`~napari_confocal_stain.measure.report` summarises, tabulates and plots the
-result. The command line and the napari widgets both use them (one set of numbers).
+cell; :mod:`~napari_confocal_stain.measure.flags` turns every signal into one calibrated
+score per cell (:func:`flag_hallucinations`); :mod:`~napari_confocal_stain.measure.report`
+summarises, tabulates and plots the result. The command line and the napari widgets both
+use them (one set of numbers).
 """
 
+from napari_confocal_stain.measure.flags import (
+    SIGNALS,
+    FlagCalibration,
+    flag_hallucinations,
+    flag_signals,
+    load_calibration,
+    reasons_text,
+)
 from napari_confocal_stain.measure.report import (
     cells_to_csv,
     distribution_figure,
@@ -24,17 +34,23 @@ from napari_confocal_stain.measure.slide import (
 )
 
 __all__ = [
+    "SIGNALS",
     "CellBlock",
+    "FlagCalibration",
     "SlideMaps",
     "cells_to_csv",
     "distribution_figure",
     "flag_cells",
+    "flag_hallucinations",
+    "flag_signals",
     "format_summary",
     "level_cell",
+    "load_calibration",
     "measure_block",
     "measure_box",
     "measure_slide",
     "plot_distributions",
+    "reasons_text",
     "slide_chunks",
     "summarize",
 ]

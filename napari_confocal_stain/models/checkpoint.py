@@ -69,7 +69,9 @@ __all__ = [
     "METADATA_KEY",
     "WEIGHTS_DIR",
     "available_weights",
+    "checkpoint_path",
     "load_checkpoint",
+    "read_metadata",
     "read_model",
     "save_checkpoint",
 ]
@@ -330,6 +332,31 @@ def _parse_meta(path: Path, metadata: Mapping[str, str] | None) -> dict[str, Any
     return meta
 
 
+def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
+    """A checkpoint's package metadata (architecture, kwargs, training, extra, …), header only.
+
+    Parameters
+    ----------
+    name_or_path
+        A bundled weight name or a ``.safetensors`` path.
+
+    Returns
+    -------
+    dict
+        The JSON description :func:`save_checkpoint` wrote, plus ``"path"``.
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing, unreadable, not a safetensors checkpoint of this package, or its
+        header is damaged (one line naming the file). No tensor is read.
+    """
+    path = checkpoint_path(name_or_path)
+    with _open_checkpoint(path) as (f, size):
+        header = read_header(f, size, path)
+    return {**_parse_meta(path, header.metadata), "path": str(path)}
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -444,8 +471,15 @@ def _check_tensors(
         )
 
 
-def _resolve(name_or_path: str | Path) -> Path:
-    """A bundled weight name or a path → a path (whether it can be read is checked later)."""
+def checkpoint_path(name_or_path: str | Path) -> Path:
+    """The file of a bundled weight name, or a path as given (whether it can be read is
+    checked when it is read).
+
+    Raises
+    ------
+    CheckpointError
+        A name that is neither a path nor bundled weights (the message lists them).
+    """
     text = str(name_or_path)
     looks_like_path = (
         isinstance(name_or_path, Path)
@@ -627,7 +661,7 @@ def read_model(
         (and the tensor and both shapes for a mismatch). The architecture is compared with
         the file's header before any tensor is read or any real tensor is allocated.
     """
-    path = _resolve(name_or_path)
+    path = checkpoint_path(name_or_path)
     target_dtype = _resolve_dtype(dtype)
     spec, model, meta, state, expected = _checked_state(path, architecture, kwargs)
     # The meta model becomes the real one: strict loading overwrites every parameter and
