@@ -34,6 +34,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -42,13 +43,56 @@ def _load() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def _synthetic_slide(size: int) -> Path:
+    """A ``size``² synthetic R/F slide in ``$TMPDIR``, written once (seed 11)."""
+    from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
+
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_viewport_{size}"
+    if not (out / ".complete").is_file():
+        write_synthetic_mosaic(out, size=(size, size), seed=11)
+        (out / ".complete").write_text("")
+    return out
+
+
+def fresh_places(
+    shape: tuple[int, ...], tile: int, count: int, view: tuple[int, int] = (1080, 1920)
+) -> list[tuple[float, float]]:
+    """Centres of up to ``count`` full-resolution views that share no tile.
+
+    Each view sits in its own block of whole tiles with one spare tile row and column, so
+    neither its tiles nor the prefetch ring around them reach another place's tiles.
+    """
+    bh = (-(-(view[0] + tile) // tile) + 1) * tile
+    bw = (-(-(view[1] + tile) // tile) + 1) * tile
+    h, w = shape[-2], shape[-1]
+    return [
+        (y + bh / 2.0, x + bw / 2.0)
+        for y in range(0, h - bh + 1, bh)
+        for x in range(0, w - bw + 1, bw)
+    ][:count]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pans", type=int, default=500)
     parser.add_argument("--check-every", type=int, default=25)
     parser.add_argument("--cache-mb", type=int, default=256)
     parser.add_argument("--tile", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3, help="GAN viewports timed (≤ 3)")
+    parser.add_argument(
+        "--places", type=int, default=5, help="fresh full-resolution places where the GAN is timed"
+    )
+    parser.add_argument("--model", default=None, help="GAN model (default: the plugin's default)")
+    parser.add_argument(
+        "--precision", default="auto", help="GAN precision (default: auto, as the viewer)"
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        metavar="SIZE",
+        help="use a SIZE² synthetic slide (written once to $TMPDIR) instead of the 4096² sample, "
+        "which holds only 2 fresh places; 8192 holds 6",
+    )
     parser.add_argument("--no-probe", action="store_true", help="no event-loop probe timer")
     parser.add_argument("--linear-moves", type=int, default=7)
     parser.add_argument(
@@ -86,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {_load()}")
     proc = psutil.Process()
-    slide = sample_slide_path()
+    slide = sample_slide_path() if args.synthetic is None else _synthetic_slide(args.synthetic)
     viewer = napari.Viewer(show=True)
     from qtpy.QtCore import QEventLoop
 
@@ -192,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2 + 3. GAN stain with the bundled U-Net: first tile, whole viewport, latency ----------
     if "gan" in parts:
-        pipeline = StainPipeline(mosaic, StainSettings(tile=args.tile, precision="fp32"))
+        chosen = {"model": args.model} if args.model else {}
+        settings = StainSettings(tile=args.tile, precision=args.precision, **chosen)
+        pipeline = StainPipeline(mosaic, settings)
+        print(f"GAN model {settings.model}, precision {args.precision}")
         # Load once and build the kernels for the tile shape, as the widget does while it
         # says "Loading the model…" (outside the timing).
         from napari_confocal_stain.engine.pipeline import warm_up
@@ -245,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         def run_alone(b):
             t = time.perf_counter()
             lin = pipeline.linear(0, b)
-            stain_region(lin, model, tile=args.tile, precision="fp32",
+            stain_region(lin, model, tile=args.tile, precision=args.precision,
                          origin=(-b[0] % args.tile, -b[2] % args.tile))  # fmt: skip
             return time.perf_counter() - t
 
@@ -253,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         # the same pixels: the machine's load drifts, the ratio within a round does not.
         firsts, ratios, ratios_exact, tall, lat_all, refresh_all = [], [], [], [], [], []
         # Far apart, so no round finds tiles of another already done.
-        centres = [(700.0, 1100.0), (3300.0, 1100.0), (2400.0, 3000.0)][: args.rounds]
+        centres = fresh_places(mosaic.shape, args.tile, args.places)
+        if len(centres) < args.places:
+            print(f"only {len(centres)} fresh places fit this slide (see --synthetic)")
         for k, (cy, cx) in enumerate(centres):
             old = live.layer.live_view
             live.pause(True)  # nothing is computed while the camera moves

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from napari_confocal_stain.inference import load_model
+from napari_confocal_stain.models import available_weights
 from training.data import (
     TissueRegion,
     band_split_defaults,
@@ -49,7 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "threads": None,
     "out": "runs/evaluate",
-    "stain": ["stain-unet"],
+    # Every bundled stain model (stain-*.safetensors), next to the linear stain.
+    "stain": [n for n in available_weights() if n.startswith("stain")],
     "despeckle": ["despeckle-combalia"],
     "data": {
         **band_split_defaults(),

@@ -54,8 +54,14 @@ def is_background(dscm: np.ndarray) -> bool:
     dscm
         ``(h, w, 3)`` in [0, 1].
     """
-    tissue = dscm.min(axis=-1) < 1.0 - BACKGROUND_DARKNESS
-    return float(tissue.mean()) <= BACKGROUND_TISSUE_FRACTION
+    level = np.asarray(1.0 - BACKGROUND_DARKNESS, dtype=dscm.dtype)
+    # "darkest channel below the level" = "some channel below it": three contiguous-plane
+    # comparisons instead of a strided min over the channel axis (several times faster on
+    # a viewport, where this runs for every statistics cell).
+    tissue = dscm[..., 0] < level
+    for c in range(1, dscm.shape[-1]):
+        tissue |= dscm[..., c] < level
+    return np.count_nonzero(tissue) <= BACKGROUND_TISSUE_FRACTION * tissue.size
 
 
 _FILLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

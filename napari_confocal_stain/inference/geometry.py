@@ -47,10 +47,18 @@ def parameters_version(model: nn.Module) -> tuple[int, ...]:
 
 
 def in_channels(model: nn.Module) -> int:
-    """Input channels of the model's first convolution (3 if it has none)."""
+    """Input channels: the first declared ``in_channels``, else the first convolution's.
+
+    A model that folds its input before the first convolution (space-to-depth) declares its
+    own ``in_channels``; the engine's wrappers hold the model as a submodule, and
+    ``modules()`` visits it before its convolutions.
+    """
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
             return int(m.in_channels)
+        declared = getattr(m, "in_channels", None)
+        if isinstance(declared, int) and not isinstance(declared, bool):
+            return declared
     return 3
 
 

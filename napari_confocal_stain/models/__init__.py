@@ -23,6 +23,7 @@ from napari_confocal_stain.models.discriminator import (
     NLayerDiscriminator,
     patchgan_receptive_field,
 )
+from napari_confocal_stain.models.fast import FastGenerator
 from napari_confocal_stain.models.flops import count_flops, flops_per_pixel
 from napari_confocal_stain.models.generators import (
     AffineGenerator,
@@ -46,6 +47,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "AffineGenerator",
     "DespeckleNN",
+    "FastGenerator",
     "ModelSpec",
     "NLayerDiscriminator",
     "ResnetBlock",

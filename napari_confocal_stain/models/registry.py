@@ -16,6 +16,7 @@ from torch import nn
 
 from napari_confocal_stain.models.despeckle import DespeckleNN
 from napari_confocal_stain.models.discriminator import NLayerDiscriminator
+from napari_confocal_stain.models.fast import FastGenerator
 from napari_confocal_stain.models.generators import (
     AffineGenerator,
     ResnetGenerator,
@@ -252,6 +253,16 @@ for _spec, _canonical in [
             {"channels": [8, 16, 32, 64], "n_blocks": 3, "input_skip": True, "head_kernel": 3},
             description="light U-Net: 3×3 stem/head, residual bottleneck, input skip "
             "(≤ 1/4 of stain-unet's FLOPs)",
+        ),
+        True,
+    ),
+    (
+        ModelSpec(
+            "fast",
+            FastGenerator,
+            {"channels": [16, 32, 64, 128], "n_blocks": 2},
+            description="norm-free U-Net on 2×2-folded input (pixel shuffle out), per-pixel "
+            "input path: the CPU viewport's stain",
         ),
         True,
     ),

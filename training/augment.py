@@ -1,0 +1,148 @@
+"""Augmentation of supervised stain pairs: stain colour, magnification and confocal optics.
+
+A stain model trained on one lab's H&E at one magnification learns that lab's colours and that
+scale. The pairs :mod:`training.supervised` trains on are made from real H&E (the answer) and
+its pseudo-confocal R/F (the input, :func:`training.data.pseudo_confocal`), so each source of
+variation can be applied where it arises:
+
+* **Stain colour** (:func:`hed_jitter`): the H&E is perturbed in HED optical-density space
+  (Tellez et al., 2018: each density scaled by ``1 ± σ`` and shifted by ``± b``) *before* the
+  pseudo-confocal pair is made, so input and answer change together, like a paler or a more
+  purple slide.
+* **Magnification** (:func:`zoom_crop`): a crop is read from a window ``1/zoom`` its size and
+  resampled, so the model sees tissue between ``0.75/zoom_max`` and ``0.75/zoom_min`` µm per
+  pixel (default 0.25–1 µm/px).
+* **Detector** (:func:`degrade_pair`): the normalisation of each channel (a scanner's gain),
+  optical blur and additive noise of both channels, and multiplicative speckle on R.
+
+Every draw comes from the ``numpy.random.Generator`` passed in: a sample is a pure function of
+its seed (resumable runs, see :mod:`training.runstate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.color import hed2rgb, rgb2hed
+from skimage.transform import resize
+
+from training.noise import add_speckle
+
+__all__ = ["AUGMENT_DEFAULTS", "degrade_pair", "hed_jitter", "zoom_crop", "zoom_factor"]
+
+AUGMENT_DEFAULTS: dict[str, Any] = {
+    "hed_sigma": 0.15,
+    "hed_bias": 0.03,
+    "zoom_range": [0.75, 3.0],
+    "zoom_probability": 0.5,
+    "gain_range": [0.8, 1.25],
+    "blur_sigma": [0.0, 1.2],
+    "noise_sigma": [0.0, 0.03],
+    "speckle_probability": 0.7,
+    "speckle_sigma": [0.05, 0.3],
+}
+"""Defaults of the ``augment`` section of a supervised config (ranges are uniform)."""
+
+
+def hed_jitter(
+    rgb: np.ndarray, rng: np.random.Generator, sigma: float = 0.15, bias: float = 0.03
+) -> np.ndarray:
+    """H&E with each HED optical density scaled by ``U(1−σ, 1+σ)`` and shifted by ``U(−b, b)``.
+
+    Parameters
+    ----------
+    rgb
+        ``(H, W, 3)`` H&E in [0, 1].
+    rng
+        Random generator.
+    sigma, bias
+        Scale and shift half-ranges (Tellez et al. 2018 use 0.05 … 0.2 and 0.05).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, 3)`` float32 in [0, 1].
+    """
+    if sigma <= 0 and bias <= 0:
+        return np.asarray(rgb, np.float32)
+    hed = rgb2hed(np.asarray(rgb, np.float64))
+    alpha = rng.uniform(1.0 - sigma, 1.0 + sigma, 3)
+    beta = rng.uniform(-bias, bias, 3)
+    # A shift on glass would tint the background: shift in proportion to the density present.
+    hed = hed * alpha + beta * (hed > 0.02)
+    return np.clip(hed2rgb(hed), 0.0, 1.0).astype(np.float32)
+
+
+def zoom_factor(rng: np.random.Generator, zoom_range: Any, probability: float) -> float:
+    """1 with probability ``1 − probability``, else log-uniform in ``zoom_range``."""
+    if rng.random() >= probability:
+        return 1.0
+    lo, hi = (float(v) for v in zoom_range)
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def zoom_crop(image: np.ndarray, y: int, x: int, size: int, zoom: float) -> np.ndarray:
+    """The ``size``² output of a window of ``size / zoom`` px at ``(y, x)``, resampled.
+
+    Parameters
+    ----------
+    image
+        ``(H, W)`` or ``(H, W, C)``.
+    y, x
+        Top-left of the window; the window must fit (see the caller's origins).
+    size
+        Output side.
+    zoom
+        > 1 magnifies (a smaller window upsampled), < 1 shrinks (anti-aliased).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(size, size[, C])``.
+    """
+    win = max(1, round(size / zoom))
+    crop = np.asarray(image[y : y + win, x : x + win], np.float32)
+    if win == size:
+        return crop
+    out_shape = (size, size, *crop.shape[2:])
+    return resize(crop, out_shape, order=1, anti_aliasing=win > size, preserve_range=True).astype(
+        np.float32
+    )
+
+
+def degrade_pair(
+    r: np.ndarray, f: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """R and F through a random detector: gain, blur, additive noise, speckle on R.
+
+    Parameters
+    ----------
+    r, f
+        ``(H, W)`` in [0, 1].
+    rng
+        Random generator.
+    cfg
+        The ``augment`` section (:data:`AUGMENT_DEFAULTS` keys).
+
+    Returns
+    -------
+    (r, f)
+        float32 in [0, 1].
+    """
+    out = []
+    for a in (r, f):
+        a = np.asarray(a, np.float32) * rng.uniform(*cfg["gain_range"])
+        sigma = rng.uniform(*cfg["blur_sigma"])
+        if sigma > 0.05:
+            a = ndi.gaussian_filter(a, sigma, mode="reflect")
+        noise = rng.uniform(*cfg["noise_sigma"])
+        if noise > 0:
+            a = a + rng.normal(0.0, noise, a.shape).astype(np.float32)
+        out.append(np.clip(a, 0.0, 1.0).astype(np.float32))
+    r, f = out
+    if rng.random() < float(cfg["speckle_probability"]):
+        r = add_speckle(r, "gaussian", rng, sigma=float(rng.uniform(*cfg["speckle_sigma"])))
+    return r, f

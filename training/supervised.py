@@ -1,0 +1,430 @@
+"""``python -m training supervised``: train a stain model on H&E and its pseudo-confocal pair.
+
+Real H&E is the one stain whose answer we know: its hematoxylin and eosin optical densities
+give a pseudo-confocal pair (F from hematoxylin, R from eosin, :func:`training.data.
+pseudo_confocal`) whose true H&E is the image itself. Trained on such pairs from varied tissue
+(:mod:`training.tissues`: skin, oral and breast carcinoma at 20× and 40×) with stain,
+magnification and detector augmentation (:mod:`training.augment`), a generator learns the
+mapping from the Gareau linear stain of (R, F) to H&E as it is, not as one CycleGAN's
+discriminator liked it. Per sample ``i`` (``default_rng([seed, i])``): a training image (each
+image equally likely, the CC0 slide's four training bands counted as one image), a zoom, a
+tissue crop, flips and 90° turns, an HED stain jitter of the crop (the answer), its
+pseudo-confocal pair with a jittered normalisation, blur, noise and speckle (the input).
+
+``loss = λ_l1 · L1(G(x), y) + λ_ssim · (1 − SSIM(lum G(x), lum y)) + λ_hema · hematoxylin_loss``
+
+SSIM on luminance (Gaussian σ = 1.5, the evaluation's definition) is what a pathologist's eye
+and our held-out tables weigh; L1 keeps the colours; the optional hematoxylin term
+(:func:`training.structure.hematoxylin_loss`) ties nuclei to F. Adam, constant learning rate
+then linear decay to 0.
+
+Held-out scoring (``val.csv``) is per tissue: the held-out bands of the CC0 slide and every
+held-out image (:data:`training.tissues.HELDOUT_IMAGES`), each with the linear stain as the
+reference row. Outputs in ``out``: ``config.json``, ``log.csv``, ``val.csv``, ``sample.png``,
+``state.safetensors`` (``--resume``) and ``G.safetensors`` (a plugin checkpoint:
+``load_model(out / "G.safetensors")``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from napari_confocal_stain.models import build_model, save_checkpoint
+from napari_confocal_stain.models.registry import DSCM_INPUT
+from training.augment import AUGMENT_DEFAULTS, degrade_pair, hed_jitter, zoom_crop, zoom_factor
+from training.config import portable_record
+from training.data import (
+    RandomFlip,
+    TissueRegion,
+    band_split_defaults,
+    check_disjoint,
+    dscm_tensor,
+    load_he_regions,
+    pseudo_confocal,
+    regions_in,
+    split_regions,
+)
+from training.images import grid_png
+from training.loop import check_finite, linear_decay, progress_bar, set_lr, stop_iteration
+from training.runstate import RunFolder, Stateful, start_run
+from training.structure import hematoxylin_loss
+from training.tissues import image_entries
+from training.validation import (
+    INPUT_ROW,
+    STAIN_METRICS,
+    ValidationSet,
+    image_entry,
+    make_validation_set,
+    sample_rows,
+    validate,
+)
+
+__all__ = ["DEFAULTS", "luminance_ssim", "run_supervised", "sample_pairs", "validation_sets"]
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",
+    "threads": None,
+    "out": "runs/supervised",
+    "model": {"name": "fast", "kwargs": {}},
+    "loss": {"lambda_l1": 1.0, "lambda_ssim": 1.0, "lambda_hema": 0.0, "hema_window": 15},
+    "optim": {"lr": 2e-3, "betas": [0.9, 0.999]},
+    "schedule": {"iterations": 3000, "decay_start": 1500, "crop": 192, "batch_size": 8},
+    "augment": dict(AUGMENT_DEFAULTS),
+    "data": {
+        **band_split_defaults(),
+        "train_splits": ["source", "target"],
+        "val_splits": ["heldout"],
+        "train_images": image_entries("train"),
+        "val_images": image_entries("heldout"),
+        "min_tissue": 0.3,
+        "val_tile": 128,
+        "val_tiles": 12,
+        "val_min_tissue": 0.3,
+        "val_speckle": {"model": "gaussian", "sigma": 0.2},
+    },
+    "log_every": 10,
+    "val_every": 500,
+    "checkpoint_every": 100,
+    "stop_at": None,
+}
+
+LOG_FIELDS = ("iteration", "lr", "loss", "l1", "ssim", "hema", "seconds")
+VAL_FIELDS = ("iteration", "model", "eval_set", *STAIN_METRICS)
+HELDOUT_BANDS = "heldout bands"
+"""Name of the validation set made of the CC0 slide's held-out bands."""
+
+_RECORDED_DATA = ("he", "bands", "order", "train_splits", "val_splits", "train_images",
+                  "val_images")  # fmt: skip
+_SSIM_SIGMA = 1.5
+_LUMA = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray, the metrics' luminance
+
+
+def _gaussian_window(sigma: float, device: torch.device) -> torch.Tensor:
+    # skimage's gaussian_filter window (truncate 3.5): the valid region is the one
+    # structural_similarity averages over.
+    radius = int(3.5 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def luminance_ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = _SSIM_SIGMA) -> torch.Tensor:
+    """Mean Gaussian-window SSIM of the luminance of two RGB batches in [0, 1].
+
+    The definition of :func:`napari_confocal_stain.core.metrics.ssim_map` (Wang et al. 2004,
+    ``K1 = 0.01``, ``K2 = 0.03``, data range 1), differentiable, valid region only.
+
+    Parameters
+    ----------
+    a, b
+        ``(B, 3, H, W)`` in [0, 1].
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar.
+    """
+    w = torch.tensor(_LUMA, dtype=a.dtype, device=a.device).view(1, 3, 1, 1)
+    x, y = (t.mul(w).sum(1, keepdim=True) for t in (a, b))
+    g = _gaussian_window(sigma, a.device).to(a.dtype)
+    gy, gx = g.view(1, 1, -1, 1), g.view(1, 1, 1, -1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, gy), gx)
+
+    mx, my = blur(x), blur(y)
+    vx = blur(x * x) - mx * mx
+    vy = blur(y * y) - my * my
+    cxy = blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean()
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _load_images(entries: Sequence[Any], split: str) -> list[TissueRegion]:
+    """Every image of ``entries`` whole, at 0.75 µm/px (see :func:`~training.data.read_he`)."""
+    regions: list[TissueRegion] = []
+    for entry in entries:
+        path, size = image_entry(entry)
+        regions += load_he_regions([path], bands=0, order=[split], pixel_size_um=size)[split]
+    return regions
+
+
+def training_regions(data: Mapping[str, Any]) -> list[TissueRegion]:
+    """The training bands of the band-split slides and every ``train_images`` image."""
+    bands = regions_in(split_regions(data), data["train_splits"]) if data.get("he") else []
+    return bands + _load_images(data.get("train_images") or [], "train")
+
+
+def validation_sets(data: Mapping[str, Any], seed: int) -> dict[str, ValidationSet]:
+    """Held-out tiles per tissue: the held-out bands, then each ``val_images`` image.
+
+    Every set uses ``val_tile``² tiles (at most ``val_tiles``) with ``val_speckle`` on R; the
+    tiles and their speckle are the same for every model and every epoch.
+    """
+    size, count, mt = int(data["val_tile"]), int(data["val_tiles"]), float(data["val_min_tissue"])
+    speckle = data.get("val_speckle")
+    groups: dict[str, list[TissueRegion]] = {}
+    if data.get("he"):
+        groups[HELDOUT_BANDS] = regions_in(split_regions(data), data["val_splits"])
+    for entry in data.get("val_images") or []:
+        path, _ = image_entry(entry)
+        groups[Path(path).name] = _load_images([entry], "val")
+    return {
+        name: make_validation_set(regions, size, count, min_tissue=mt, speckle=speckle, seed=seed)
+        for name, regions in groups.items()
+    }
+
+
+def _slide_weights(regions: Sequence[TissueRegion], size: int, min_tissue: float) -> np.ndarray:
+    """Sampling weights: each slide equally likely, its regions by their valid crops."""
+    counts = np.array([len(r.origins(size, min_tissue)) for r in regions], float)
+    per_slide: dict[str, float] = {}
+    for r, c in zip(regions, counts, strict=True):
+        per_slide[r.slide] = per_slide.get(r.slide, 0.0) + c
+    w = np.array(
+        [c / per_slide[r.slide] if c else 0.0 for r, c in zip(regions, counts, strict=True)]
+    )
+    if w.sum() == 0:
+        raise ValueError(f"supervised: no {size}² crop has ≥ {min_tissue:.0%} tissue")
+    return w / w.sum()
+
+
+def _window(size: int, zoom: float) -> int:
+    """Source window of a zoomed crop, on a 16-px lattice (few distinct origin tables)."""
+    return max(16, round(size / zoom / 16.0) * 16)
+
+
+def sample_pairs(
+    regions: Sequence[TissueRegion],
+    indices: range,
+    size: int,
+    seed: int,
+    min_tissue: float,
+    augment: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Augmented training pairs ``(B, C, size, size)``: ``dscm`` [-1, 1], ``f``, ``truth`` [-1, 1].
+
+    Sample ``i`` uses ``default_rng([seed, i])`` (see the module docstring).
+    """
+    aug = {**AUGMENT_DEFAULTS, **augment}
+    weights = {w: _slide_weights(regions, w, min_tissue) for w in (size,)}
+    flip = RandomFlip(rotate=True)
+    dscm, fs, truth = [], [], []
+    for i in indices:
+        rng = np.random.default_rng([seed, int(i)])
+        win = _window(size, zoom_factor(rng, aug["zoom_range"], float(aug["zoom_probability"])))
+        if win not in weights:
+            weights[win] = _slide_weights(regions, win, min_tissue)
+        region = regions[int(rng.choice(len(regions), p=weights[win]))]
+        origins = region.origins(win, min_tissue)
+        y, x = (int(v) for v in origins[int(rng.integers(len(origins)))])
+        rgb = zoom_crop(region.rgb, y, x, size, size / win)
+        rgb = hed_jitter(rgb, rng, float(aug["hed_sigma"]), float(aug["hed_bias"]))
+        r, f = pseudo_confocal(rgb, region.hed_scale * rng.uniform(*aug["gain_range"], 2))
+        r, f = degrade_pair(r, f, rng, aug)
+        a, b, c = flip([dscm_tensor(r, f).transpose(1, 2, 0), f, rgb * 2.0 - 1.0], rng)
+        dscm.append(a.transpose(2, 0, 1))
+        fs.append(b[None])
+        truth.append(c.transpose(2, 0, 1))
+    return {
+        k: torch.from_numpy(np.ascontiguousarray(np.stack(v), dtype=np.float32))
+        for k, v in (("dscm", dscm), ("f", fs), ("truth", truth))
+    }
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Trainee:
+    """The generator, its optimiser and where they run."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    device: torch.device
+
+    def parts(self) -> dict[str, Stateful]:
+        """What the resume state holds, by key."""
+        return {"model": self.model, "opt": self.opt}
+
+
+def _build(config: Mapping[str, Any], device: torch.device) -> _Trainee:
+    """A fresh generator whose size multiple divides the crop, and Adam."""
+    spec = config["model"]
+    model = build_model(spec["name"], **spec.get("kwargs", {})).to(device)
+    mult = int(getattr(model, "size_multiple", 1))
+    crop = int(config["schedule"]["crop"])
+    if crop % mult:
+        raise ValueError(f"schedule.crop {crop} must be a multiple of {mult}")
+    opt = torch.optim.Adam(
+        model.parameters(), lr=float(config["optim"]["lr"]), betas=tuple(config["optim"]["betas"])
+    )
+    return _Trainee(model, opt, device)
+
+
+def _step(t: _Trainee, batch: Mapping[str, torch.Tensor], lam: Mapping[str, Any]) -> dict:
+    """One optimiser step; the loss terms as floats."""
+    x, y = batch["dscm"].to(t.device), batch["truth"].to(t.device)
+    out = t.model(x)
+    l1 = F.l1_loss(out, y)
+    ssim = luminance_ssim((out + 1) / 2, (y + 1) / 2)
+    loss = float(lam.get("lambda_l1", 1.0)) * l1 + float(lam.get("lambda_ssim", 1.0)) * (1 - ssim)
+    hema = torch.zeros(())
+    if float(lam.get("lambda_hema", 0.0)) > 0:
+        f = batch["f"].to(t.device)
+        hema = hematoxylin_loss(out, f, window=int(lam.get("hema_window", 15)))
+        loss = loss + float(lam["lambda_hema"]) * hema
+    t.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t.opt.step()
+    return {"loss": loss.item(), "l1": l1.item(), "ssim": ssim.item(), "hema": hema.item()}
+
+
+def _validate_all(
+    model: nn.Module | None, sets: Mapping[str, ValidationSet], label: str, iteration: int
+) -> list[dict[str, Any]]:
+    """One ``val.csv`` row per set."""
+    return [
+        {"iteration": iteration, "model": label, "eval_set": name, **validate(model, val)}
+        for name, val in sets.items()
+        if len(val)
+    ]
+
+
+def _train(
+    t: _Trainee,
+    regions: list[TissueRegion],
+    sets: Mapping[str, ValidationSet],
+    config: Mapping[str, Any],
+    run: RunFolder,
+    start: int,
+    progress: bool,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Iterations ``start`` … ``stop_at`` or the end; the last one done and its validation."""
+    sched, d = config["schedule"], config["data"]
+    seed, lr0, crop = int(config["seed"]), float(config["optim"]["lr"]), int(sched["crop"])
+    total, batch = int(sched["iterations"]), int(sched["batch_size"])
+    stop = stop_iteration(total, config.get("stop_at"))
+    t.model.train()
+    last_val: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    bar = progress_bar(start, stop, total, "supervised", progress)
+    for it in bar:
+        lr = lr0 * linear_decay(it, int(sched["decay_start"]), total, extra=0.0)
+        set_lr([t.opt], lr)
+        idx = range(it * batch, (it + 1) * batch)
+        b = sample_pairs(regions, idx, crop, seed, float(d["min_tissue"]), config["augment"])
+        values = _step(t, b, config["loss"])
+        done = it + 1
+        if done % int(config["log_every"]) == 0 or done == stop:
+            values = {"iteration": done, "lr": lr, **values, "seconds": time.perf_counter() - t0}
+            check_finite(values, done)
+            run.logs["log.csv"].write(values)
+            bar.set_postfix(l1=f"{values['l1']:.4f}", ssim=f"{values['ssim']:.3f}")
+        if done % int(config["val_every"]) == 0 or done == total:
+            last_val = _validate_all(t.model, sets, "model", done)
+            for row in last_val:
+                run.logs["val.csv"].write(row)
+            t.model.train()
+        if done % int(config["checkpoint_every"]) == 0 or done == stop:
+            run.save(done, t.parts())
+    return stop, last_val
+
+
+def _export(
+    t: _Trainee, config: Mapping[str, Any], out: Path, val: Sequence[Mapping[str, Any]]
+) -> Path:
+    """Write the generator as a plugin checkpoint (architecture, kwargs, recipe, metrics)."""
+    d = config["data"]
+    training = {
+        "recipe": "supervised on real H&E and its pseudo-confocal pair: L1 + (1 - luminance "
+        "SSIM) to the true H&E, with HED stain, zoom and detector augmentation",
+        "iteration": int(config["schedule"]["iterations"]),
+        "schedule": dict(config["schedule"]),
+        "loss": dict(config["loss"]),
+        "optim": dict(config["optim"]),
+        "augment": dict(config["augment"]),
+        "seed": int(config["seed"]),
+        "model": dict(config["model"]),
+        "data": {k: d.get(k) for k in _RECORDED_DATA},
+        "val": [dict(row) for row in val],
+    }
+    return save_checkpoint(
+        out / "G.safetensors",
+        t.model,
+        architecture=config["model"]["name"],
+        normalization=dict(DSCM_INPUT),
+        training=portable_record(training),
+    )
+
+
+def run_supervised(
+    config: Mapping[str, Any], *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train ``config["model"]`` on augmented pseudo-confocal pairs (see the module docstring).
+
+    Parameters
+    ----------
+    config
+        See :data:`DEFAULTS`.
+    resume
+        Continue from ``out/state.safetensors``; without it an existing run is an error.
+    progress
+        Progress bar.
+
+    Returns
+    -------
+    dict
+        ``{"iteration", "checkpoint", "val"}``; ``val`` is the last per-set validation.
+    """
+    logs = {"log.csv": LOG_FIELDS, "val.csv": VAL_FIELDS}
+    run, device = start_run(config, logs, resume=resume)
+    t = _build(config, device)
+    start = run.resume(t.parts())
+    d = config["data"]
+    regions = training_regions(d)
+    sets = validation_sets(d, int(config["seed"]))
+    if d.get("he"):
+        check_disjoint(
+            {
+                "training": regions_in(split_regions(d), d["train_splits"]),
+                "validation": regions_in(split_regions(d), d["val_splits"]),
+            }
+        )
+    _check_images_disjoint(d)
+    if start == 0:
+        for row in _validate_all(None, sets, INPUT_ROW, 0):
+            run.logs["val.csv"].write(row)
+    stop, last_val = _train(t, regions, sets, config, run, start, progress)
+    total = int(config["schedule"]["iterations"])
+    if stop < total:
+        return {"iteration": stop, "stopped": True, "checkpoint": None, "val": last_val}
+    t.model.eval()
+    first = next((v for v in sets.values() if len(v)), None)
+    if first is not None:
+        grid_png(run.out / "sample.png", sample_rows(first, [t.model], 4))
+    ckpt = _export(t, config, run.out, last_val)
+    return {"iteration": total, "checkpoint": str(ckpt), "val": last_val}
+
+
+def _check_images_disjoint(data: Mapping[str, Any]) -> None:
+    """Refuse a config that trains on an image it also evaluates on."""
+    train = {Path(image_entry(e)[0]).resolve() for e in data.get("train_images") or []}
+    val = {Path(image_entry(e)[0]).resolve() for e in data.get("val_images") or []}
+    both = sorted(str(p) for p in train & val)
+    if both:
+        raise ValueError(f"supervised: images both trained and evaluated on: {both}")
