@@ -295,3 +295,35 @@ def test_exported_ome_zarr_opens_in_napari_as_one_rgb_layer(
     expect = to_uint8(StainPipeline(mosaic, StainSettings()).linear(0, (0, 512, 0, 512)))
     got = np.asarray(layers[0].data[0][:512, :512])
     assert np.abs(got.astype(int) - expect).max() <= 1
+
+
+def test_known_limits_of_the_model_are_shown_when_it_loads(panel, qtbot, tmp_path):
+    """A model card's known limits (checkpoint ``extra.known_limits``) reach the GAN tab."""
+    viewer, widget = panel
+    limited = save_checkpoint(
+        tmp_path / "limited.safetensors",
+        build_model("affine"),
+        architecture="affine",
+        extra={"known_limits": ["Pale keratinised epithelium is stained too dark."]},
+    )
+    messages = []
+    from napari.utils.notifications import notification_manager
+
+    notification_manager.notification_ready.connect(lambda n: messages.append(str(n.message)))
+    live = _start(widget, qtbot, model=str(limited))
+    qtbot.waitUntil(lambda: widget.gan.limits.visible, timeout=30_000)
+    assert "too dark" in widget.gan.limits.value
+    assert sum("too dark" in m for m in messages) == 1
+    live.pause(True)
+    widget.gan.start()  # again: the label stays, no second notification
+    qtbot.wait(500)
+    qtbot.waitUntil(lambda: widget.gan.start_button.enabled, timeout=30_000)
+    assert sum("too dark" in m for m in messages) == 1
+    # A model without declared limits clears the label.
+    widget.gan.model.file.value = str(
+        save_checkpoint(
+            tmp_path / "plain.safetensors", build_model("affine"), architecture="affine"
+        )
+    )
+    widget.gan.start()
+    qtbot.waitUntil(lambda: not widget.gan.limits.visible, timeout=30_000)

@@ -70,6 +70,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "available_weights",
     "checkpoint_path",
+    "known_limits",
     "load_checkpoint",
     "read_metadata",
     "read_model",
@@ -355,6 +356,32 @@ def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
     with _open_checkpoint(path) as (f, size):
         header = read_header(f, size, path)
     return {**_parse_meta(path, header.metadata), "path": str(path)}
+
+
+KNOWN_LIMITS_KEY = "known_limits"
+"""Key in a checkpoint's ``extra`` metadata: the model card's known limits, one line each."""
+
+
+def known_limits(model_or_meta: Any) -> list[str]:
+    """The known limits a checkpoint's model card declares (``extra.known_limits``).
+
+    Parameters
+    ----------
+    model_or_meta
+        A loaded model (its ``checkpoint_meta``) or a metadata dict (:func:`read_metadata`).
+
+    Returns
+    -------
+    list of str
+        One sentence each, in the card's order; empty when the file declares none (or
+        declares them in a shape other than a list of strings).
+    """
+    meta = getattr(model_or_meta, "checkpoint_meta", model_or_meta)
+    extra = meta.get("extra") if isinstance(meta, Mapping) else None
+    limits = extra.get(KNOWN_LIMITS_KEY) if isinstance(extra, Mapping) else None
+    if not isinstance(limits, list):
+        return []
+    return [str(x) for x in limits if isinstance(x, str) and x.strip()]
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -95,6 +95,8 @@ class GanStainWidget(Container):
         export = self._export_fields()
         super().__init__(widgets=[*view, Label(value="<b>Export</b>"), *export], labels=True)
         wrap_label(self.status)
+        wrap_label(self.limits)
+        self._limits_told: set[str] = set()
         wrap_label(self.export_status)
         self._export_worker: Any = None
         self._export_cancelled = False
@@ -154,6 +156,9 @@ class GanStainWidget(Container):
         self.stop_button = PushButton(text="Stop")
         self.tiles = ProgressBar(label="On screen", value=0, max=1, tooltip="tiles done / needed")
         self.status = Label(value="")
+        # The model card's known limits (tissue it does not stain faithfully), shown from the
+        # moment the model loads: a pathologist should not have to open the card to learn them.
+        self.limits = Label(value="", visible=False)
         return [
             self.slide,
             self.model,
@@ -166,6 +171,7 @@ class GanStainWidget(Container):
             button_row(self.start_button, self.stop_button),
             self.tiles,
             self.status,
+            self.limits,
         ]
 
     def _export_fields(self) -> list[Any]:
@@ -239,6 +245,7 @@ class GanStainWidget(Container):
         def ok(resolved: dict) -> None:
             self.start_button.enabled = True
             self._show(slide, mosaic, replace(settings, **resolved))
+            self._show_limits(settings)
 
         def failed(exc: BaseException, model: str) -> None:
             from napari.utils.notifications import show_error
@@ -295,6 +302,20 @@ class GanStainWidget(Container):
                 layer_kwargs=overlay_kwargs(r, live_layer_name(slide, "gan")),
             )
         return live
+
+    def _show_limits(self, settings: StainSettings) -> None:
+        """Show the loaded model's known limits under the status (and once as a notification)."""
+        from napari_confocal_stain.engine.pipeline import get_model
+        from napari_confocal_stain.models import known_limits
+
+        limits = known_limits(get_model(settings.model, settings.device, "stain"))
+        self.limits.value = "Known limits of this model: " + " ".join(limits) if limits else ""
+        self.limits.visible = bool(limits)
+        if limits and settings.model not in self._limits_told:
+            from napari.utils.notifications import show_info
+
+            self._limits_told.add(settings.model)
+            show_info(f"{settings.model}: " + " ".join(limits))
 
     def stop(self, *_: Any) -> None:
         """Stop computing tiles (what is done stays on screen; Start resumes)."""
