@@ -30,8 +30,10 @@ __all__ = [
     "STATISTICS",
     "cells_to_csv",
     "distribution_figure",
+    "flag_columns",
     "format_summary",
     "plot_distributions",
+    "reasons_label",
     "summarize",
 ]
 
@@ -138,6 +140,8 @@ def cells_to_csv(
         Destination ``.csv`` (parent folders are created).
     maps
         ``{metric: (ny, nx) array}``, all the same shape (numpy, or dask — computed).
+        Object or string arrays are text columns, written as they are (e.g. the flags'
+        ``reasons``).
     cell
         Cell side in pixels.
     origin
@@ -156,7 +160,7 @@ def cells_to_csv(
     -----
     Columns: ``cell_y, cell_x, y0, x0, y1, x1`` (half-open pixel bounds ``[y0, y1)``,
     ``[x0, x1)``) then one column per metric in the order given; row-major order of
-    cells; values written with ``repr`` precision, NaN as ``nan``.
+    cells; numbers written with ``repr`` precision, NaN as ``nan``.
 
     Raises
     ------
@@ -167,7 +171,7 @@ def cells_to_csv(
         raise ValueError(f"cell must be a positive integer number of pixels, got {cell!r}")
     if not maps:
         raise ValueError("cells_to_csv needs at least one metric map")
-    arrays = {str(k): np.asarray(v, dtype=np.float64) for k, v in maps.items()}
+    arrays = {str(k): _column(v) for k, v in maps.items()}
     shapes = {k: a.shape for k, a in arrays.items()}
     first = next(iter(shapes.values()))
     if len(first) != 2 or any(s != first for s in shapes.values()):
@@ -197,10 +201,55 @@ def cells_to_csv(
                     ox + x0,
                     oy + y1,
                     ox + x1,
-                    *(repr(float(c[i, j])) for c in columns),
+                    *(
+                        str(c[i, j]) if c.dtype == object else repr(float(c[i, j]))
+                        for c in columns
+                    ),
                 ]
             )
     return write_atomic(path, buf.getvalue().encode("utf-8"))
+
+
+def _column(values: Any) -> np.ndarray:
+    """A CSV column: text (object) for object or string arrays, float64 otherwise."""
+    arr = np.asarray(values)
+    if arr.dtype == object or arr.dtype.kind in "US":
+        return arr.astype(object)
+    return arr.astype(np.float64)
+
+
+def flag_columns(flags: Mapping[str, np.ndarray], reasons: np.ndarray) -> dict[str, np.ndarray]:
+    """The calibrated flags of cells as CSV text columns ``flagged``, ``score``, ``reasons``.
+
+    Parameters
+    ----------
+    flags
+        ``{"flagged", "score"}`` → ``(ny, nx)`` float (NaN where not computed), as in
+        :class:`~napari_confocal_stain.measure.slide.SlideMaps`.
+    reasons
+        ``(ny, nx)`` object array of signal-name tuples.
+
+    Returns
+    -------
+    dict
+        ``flagged`` ``"1"``/``"0"``, ``score`` as ``%.3f``, ``reasons`` the signal names
+        joined by ``+`` (e.g. ``"erased_nuclei+ssim"``, empty when not flagged); all three
+        empty where the flags were not computed.
+    """
+    flagged = np.asarray(flags["flagged"], np.float64)
+    score = np.asarray(flags["score"], np.float64)
+    out = {name: np.empty(flagged.shape, object) for name in ("flagged", "score", "reasons")}
+    for idx, value in np.ndenumerate(flagged):
+        done = np.isfinite(value)
+        out["flagged"][idx] = str(int(value)) if done else ""
+        out["score"][idx] = f"{score[idx]:.3f}" if done else ""
+        out["reasons"][idx] = reasons_label(reasons[idx]) if done else ""
+    return out
+
+
+def reasons_label(names: Any) -> str:
+    """Signal names as one short token, e.g. ``"erased_nuclei+ssim"`` (``""`` for none)."""
+    return "+".join(str(n) for n in (names or ()))
 
 
 def distribution_figure(
