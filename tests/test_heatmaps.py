@@ -32,7 +32,6 @@ from napari_confocal_stain.measure.slide import (  # noqa: E402
     MAP_NAMES,
     CellBlock,
     SlideMaps,
-    flag_cells,
     level_cell,
     measure_box,
 )
@@ -140,7 +139,14 @@ def test_painted_structure_and_erased_nucleus_light_up_exactly_their_cells(
     maps = widget.results(slide)[(slide, "painted output")]
     expected = np.zeros(maps.grid, bool)
     expected[painted_cell] = expected[erased_cell] = True
-    np.testing.assert_array_equal(widget.flagged(slide, "painted output"), expected)
+    # The calibrated flags (the default model's calibration: the output is another layer):
+    # the erased nucleus flags its cell, for that reason, with a marker on the nucleus.
+    flagged = widget.flagged(slide, "painted output")
+    assert flagged[erased_cell] and "erased_nuclei" in maps.reasons[erased_cell]
+    # The painted structure sits on glass (the slide's corner): a background cell is never
+    # flagged, however unlike its input the output is there.
+    assert maps.flags["tissue"][painted_cell] == 0 and not flagged[painted_cell]
+    assert not (flagged & (maps.flags["tissue"] == 0)).any()
     # Each cell lights up for its own reason: texture/structure there, a lost nucleus here.
     chi2, ssim = maps.maps["lbp_chi2"], maps.maps["ssim"]
     others = ~expected
@@ -180,15 +186,59 @@ def test_painted_structure_and_erased_nucleus_light_up_exactly_their_cells(
     assert tuple(np.round(layer.world_to_data(first))) == (i, j)
     assert tuple(np.round(layer.world_to_data(first - [0.75, 0.75]))) == (i - 1, j - 1)
     erased = next(lyr for lyr in viewer.layers if lyr.name.startswith(f"{slide} · erased"))
-    assert len(erased.data) == maps.maps["nuclei_erased"].sum()
+    np.testing.assert_array_equal(erased.data, maps.points["flag_erased"])
     assert np.hypot(*(erased.data - [ey, ex]).T).min() < 3
     invented = next(lyr for lyr in viewer.layers if lyr.name.startswith(f"{slide} · invented"))
-    cells = {(int(y) // CELL, int(x) // CELL) for y, x in invented.data}
-    assert cells <= {painted_cell}  # invented nuclei only where the structure was painted
-    assert erased.symbol[0] != invented.symbol[0]
-    # The legend shows the measured values and how many cells each metric flags.
-    assert "1 flagged" in widget.legend["lbp_chi2"].values.value
+    np.testing.assert_array_equal(invented.data.reshape(-1, 2), maps.points["flag_invented"])
+    assert erased.symbol[0] != invented.symbol[0] if len(invented.data) else True
+    # The legend shows the measured values and says what the colours mean, in words.
     assert f"{maps.grid[0] * maps.grid[1]} cells" in widget.legend["ssim"].values.value
+    assert "texture differs" in widget.legend["lbp_chi2"].meaning.value
+    assert "yellow outline = flagged cell" in widget.flag_legend.value
+    _check_review(viewer, widget, maps, flagged)
+
+
+def _check_review(viewer, widget, maps, flagged):
+    """Outlines, summary line and Next / Previous of a measured slide."""
+    scene = getattr(viewer, "scene", None)
+    camera = scene.camera if scene is not None else viewer.camera
+    slide = widget.slide.value
+    n, m = int(flagged.sum()), int((maps.flags["tissue"] == 1).sum())
+    assert n >= 2 and m > n
+    assert widget.review.summary.value.startswith(f"{slide}: {n} of {m} tissue cells flagged")
+    # One outline per flagged cell, on the cell's pixels.
+    (outlines,) = [
+        lyr
+        for lyr in viewer.layers
+        if lyr.metadata.get("confocal_stain", {}).get("kind") == "flagged"
+    ]
+    assert outlines.nshapes == n
+    corners = {tuple(np.round(d.min(axis=0) + 0.5).astype(int) // CELL) for d in outlines.data}
+    assert corners == {tuple(c) for c in np.argwhere(flagged)}
+    np.testing.assert_allclose(outlines.scale, [0.75, 0.75])
+    # Next walks the flagged cells from the highest score down, centring the camera on
+    # each cell and zooming in; it wraps after the last, and Previous goes back.
+    cells = [tuple(c) for c in np.argwhere(flagged)]
+    expected = sorted(cells, key=lambda c: (-maps.flags["score"][c], c))
+    assert widget.review.order == expected
+    seen = []
+    for _ in range(n + 1):
+        widget.review.next_button.clicked.emit()
+        centre = np.asarray(camera.center)[-2:]
+        seen.append(tuple(int(v) for v in centre / 0.75 // CELL))
+        i, j = seen[-1]
+        want = (np.array([i, j]) * CELL + (CELL - 1) / 2) * 0.75
+        np.testing.assert_allclose(centre, want, atol=1e-6)
+    assert seen == [*expected, expected[0]]
+    zoom = camera.zoom
+    assert zoom * CELL * 0.75 == pytest.approx(0.6 * min(viewer.canvas.size), rel=1e-6)
+    info = widget.review.cell_info.value
+    assert f"score {maps.flags['score'][expected[0]]:.2f}" in info and f"1 of {n}" in info
+    widget.review.prev_button.clicked.emit()
+    assert tuple(int(v) for v in np.asarray(camera.center)[-2:] / 0.75 // CELL) == expected[-1]
+    assert f"{n} of {n}" in widget.review.cell_info.value
+    words = widget.review.cell_info.value.split("Why: ")[1]
+    assert words and "_" not in words  # reasons in words, not signal names
 
 
 def test_gan_whole_slide_report_dock_and_saving(
@@ -368,8 +418,6 @@ def test_slide_maps_keep_the_finest_level_and_flag_thresholds():
     assert slide.maps["lbp_chi2"][1, 2] == 0.5 and len(slide.points["erased"]) == 1
     slide.add(block(0, (1, 2), 0.01))  # same level: replaces, points too
     assert slide.maps["lbp_chi2"][1, 2] == 0.01 and len(slide.points["erased"]) == 0
-    flagged = flag_cells({"lbp_chi2": np.array([[0.1, np.nan]]), "ssim": np.array([[1, 0.1]])})
-    np.testing.assert_array_equal(flagged, [[True, True]])
     with pytest.raises(ValueError, match="minimum"):
         level_cell(128, 8)
     with pytest.raises(ValueError, match="whole number"):

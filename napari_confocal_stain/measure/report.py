@@ -27,12 +27,14 @@ from napari_confocal_stain._fs import write_atomic
 
 __all__ = [
     "METRIC_LABELS",
+    "REASON_WORDS",
     "STATISTICS",
     "cells_to_csv",
     "distribution_figure",
     "flag_columns",
     "format_summary",
     "plot_distributions",
+    "reasons_in_words",
     "reasons_label",
     "summarize",
 ]
@@ -46,6 +48,18 @@ METRIC_LABELS = {
     "nuclei_preserved": "nuclei preserved fraction (higher is better)",
     "nuclei_erased": "erased nuclei per cell (lower is better)",
     "nuclei_invented": "invented nuclei per cell (lower is better)",
+}
+#: What each hallucination-flag signal says about a cell, in words (for reviewers).
+REASON_WORDS = {
+    "lbp_chi2": "texture differs from the input (LBP χ²)",
+    "ssim": "structure differs from the input (SSIM)",
+    "structure": "a patch whose structure is not the input's",
+    "colour": "colours unusual for this model",
+    "texture": "texture the input does not explain",
+    "detail_loss": "the input's detail is lost (smeared or flattened)",
+    "periodic": "a checkerboard pattern (upsampling artefact)",
+    "erased_nuclei": "a nucleus in the fluorescence is missing from the stain",
+    "invented_nuclei": "a nucleus in the stain has none in the fluorescence",
 }
 _TITLES = {"lbp_chi2": "LBP χ²", "ssim": "SSIM", "nuclei_preserved": "Nuclei preserved"}
 
@@ -245,6 +259,11 @@ def flag_columns(flags: Mapping[str, np.ndarray], reasons: np.ndarray) -> dict[s
         out["score"][idx] = f"{score[idx]:.3f}" if done else ""
         out["reasons"][idx] = reasons_label(reasons[idx]) if done else ""
     return out
+
+
+def reasons_in_words(names: Any) -> str:
+    """Signal names as a reviewer reads them, ``"; "``-separated (see :data:`REASON_WORDS`)."""
+    return "; ".join(REASON_WORDS.get(str(n), str(n)) for n in (names or ()))
 
 
 def reasons_label(names: Any) -> str:
