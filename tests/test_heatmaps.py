@@ -50,6 +50,18 @@ def affine_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def calibrated_affine(tmp_path_factory):
+    """The affine generator with the default model's flag calibration in its metadata."""
+    from napari_confocal_stain.measure.flags import CALIBRATION_KEY, load_calibration
+    from napari_confocal_stain.models.checkpoint import save_checkpoint
+    from napari_confocal_stain.models.registry import build_model
+
+    path = tmp_path_factory.mktemp("models") / "affine-calibrated.safetensors"
+    extra = {CALIBRATION_KEY: load_calibration().to_dict()}
+    return save_checkpoint(path, build_model("affine"), extra=extra)
+
+
+@pytest.fixture(scope="module")
 def painted(synthetic_slide):
     """An output with a painted fake structure in one cell and one erased nucleus in another.
 
@@ -401,6 +413,75 @@ def test_live_mode_measures_tiles_as_the_engine_lands_them(
 # ----------------------------------------------------------------------------- library
 
 
+def test_chunked_flags_equal_the_whole_slide_flags(synthetic_slide, painted):
+    from napari_confocal_stain.measure.flags import flag_hallucinations
+    from napari_confocal_stain.measure.slide import measure_slide, output_calibration
+
+    output = painted[0]
+    pipeline = StainPipeline(open_mosaic(synthetic_slide))
+    r, f = pipeline.raw(0, (0, SIZE[0], 0, SIZE[1]))
+    whole = flag_hallucinations(r, f, output / 255.0, cell=CELL)
+    slide = SlideMaps(SIZE, CELL)
+    calibration = output_calibration(pipeline, gan=False)  # another output: default model
+    for _, _, block in measure_slide(
+        pipeline, 0, CELL, output=lambda _lv, b: output[b[0] : b[1], b[2] : b[3]],
+        chunk=512, calibration=calibration,
+    ):  # fmt: skip
+        slide.add(block)
+    # 512-px chunks of 256-px cells, read with 96 px of context: every cell's flags are the
+    # whole slide's (same arithmetic on the same pixels; the tolerance is float noise).
+    np.testing.assert_allclose(slide.flags["score"], whole["score"], atol=1e-6)
+    np.testing.assert_array_equal(slide.flags["tissue"] == 1, whole["tissue"])
+    clear = np.abs(whole["score"] - 1) > 1e-3
+    np.testing.assert_array_equal(slide.flagged[clear], whole["flagged"][clear])
+    assert whole["flagged"].any() and not whole["flagged"][~whole["tissue"]].any()
+    for name, key in (("flag_erased", "erased_points"), ("flag_invented", "invented_points")):
+        a, b = slide.points[name], whole[key]
+        assert len(a) == len(b)
+        np.testing.assert_allclose(a[np.lexsort(a.T)], b[np.lexsort(b.T)], atol=1e-6)
+    for idx in np.argwhere(clear & whole["flagged"]):
+        assert slide.reasons[tuple(idx)] == whole["reasons"][tuple(idx)]
+
+
+def test_cli_metrics_csv_has_the_calibrated_flags(
+    synthetic_slide, calibrated_affine, tmp_path, capsys
+):
+    from napari_confocal_stain.measure.flags import flag_hallucinations
+
+    out = tmp_path / "cells.csv"
+    code = cli_main(
+        ["metrics", str(synthetic_slide), "--model", str(calibrated_affine), "--cell", "256",
+         "--chunk", "512", "--strategy", "independent", "--csv", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[-3:] == ["flagged", "score", "reasons"]
+    assert len(rows) == (SIZE[0] // 256) * (SIZE[1] // 256)
+    pipeline = StainPipeline(
+        open_mosaic(synthetic_slide),
+        StainSettings(model=str(calibrated_affine), strategy="independent"),
+    )
+    box = (0, SIZE[0], 0, SIZE[1])
+    r, f = pipeline.raw(0, box)
+    stained = to_uint8(pipeline.gan(0, box)) / 255.0
+    direct = flag_hallucinations(r, f, stained, cell=256, model=str(calibrated_affine))
+    for row in rows:
+        cell = int(row["cell_y"]), int(row["cell_x"])
+        assert row["flagged"] in ("0", "1")
+        score = float(row["score"])
+        assert (row["flagged"] == "1") == (score > 1) == (row["reasons"] != "")
+        assert score == pytest.approx(direct["score"][cell], abs=0.02)
+        if abs(direct["score"][cell] - 1) > 0.05:
+            assert (row["flagged"] == "1") == bool(direct["flagged"][cell])
+        if row["reasons"]:
+            assert set(row["reasons"].split("+")) <= set(direct["signal_names"])
+    n = sum(r["flagged"] == "1" for r in rows)
+    m = int(direct["tissue"].sum())
+    assert f"flags: {n} of {m} tissue cells flagged" in printed
+
+
 def test_slide_maps_keep_the_finest_level_and_flag_thresholds():
     slide = SlideMaps((1000, 1500), 512)
     assert slide.grid == (2, 3)
@@ -443,8 +524,12 @@ def test_cli_metrics_csv_plot_and_errors(synthetic_slide, affine_checkpoint, tmp
     )  # fmt: skip
     assert args.func is metrics_cli.run
     assert args.func(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert printed.count("lbp_chi2") == 2 and "independent" in printed and "seamless" in printed
+    # A checkpoint without a flag calibration: metrics, no flags, one warning saying why.
+    assert "no hallucination flags" in captured.err and "calibrate" in captured.err
+    assert printed.count("flags: not computed") == 2
     with open(out / "cells.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     # Columns 500..1536 snap outwards to cells 0..2 (x 0..1536): 2 × 3 cells.
@@ -456,6 +541,7 @@ def test_cli_metrics_csv_plot_and_errors(synthetic_slide, affine_checkpoint, tmp
         assert float(r["seamless.lbp_chi2"]) < 0.01 and float(r["independent.ssim"]) > 0.99
         assert float(r["seamless.nuclei_preserved"]) >= 0.95
         assert float(r["seamless.nuclei_erased"]) <= 1
+        assert r["seamless.flagged"] == r["seamless.score"] == r["seamless.reasons"] == ""
     assert (out / "cells.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.iterdir()) == ["cells.csv", "cells.png"]
 
