@@ -69,7 +69,7 @@ from napari_confocal_stain.napari._viewer_state import (
     slide_layers,
     slide_mosaic,
 )
-from napari_confocal_stain.napari._widget_parts import PANEL_WIDTH, wrap_label
+from napari_confocal_stain.napari._widget_parts import PANEL_WIDTH, button_row, wrap_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -104,6 +104,7 @@ FLAG_LEGEND = (
     "invented."
 )
 GAN_OUTPUT = "GAN stain (model below)"
+BAR_PX = 200  # legend colour bar width: fits the dock with its two range labels
 HEATMAP_OPACITY = 0.7
 
 
@@ -143,14 +144,20 @@ class _LegendRow(Container):
         title, (lo, hi), low_bad = HEATMAP_METRICS[metric]
         self.title = Label(value=f"<b>{title}</b> ({'low' if low_bad else 'high'} = suspicious)")
         self.bar = Label(value="")
-        self.range = Label(value=f"{lo:g}{' ' * 30}{hi:g}")
+        self.low, self.high = Label(value=f"{lo:g}"), Label(value=f"{hi:g}")
         self.meaning = Label(
-            value=f"clear = like the input; purple → orange → yellow = {HEATMAP_MEANING[metric]}"
-            ", more and more"
+            value=f"Clear = like the input; purple → orange → yellow: {HEATMAP_MEANING[metric]}"
+            ", more and more."
         )
         self.values = Label(value="no cells measured")
         super().__init__(
-            widgets=[self.title, self.bar, self.range, self.meaning, self.values], labels=False
+            widgets=[
+                self.title,
+                button_row(self.low, self.bar, self.high),
+                self.meaning,
+                self.values,
+            ],
+            labels=False,
         )
         self.margins = (0, 0, 0, 0)
         wrap_label(self.meaning)
@@ -160,10 +167,10 @@ class _LegendRow(Container):
     def _paint_bar(self) -> None:
         from qtpy.QtGui import QImage, QPixmap
 
-        rgba = _colormap(self.metric).map(np.linspace(0.0, 1.0, 256))
+        rgba = _colormap(self.metric).map(np.linspace(0.0, 1.0, BAR_PX))
         strip = (np.clip(rgba, 0, 1) * 255).astype(np.uint8)
         strip = np.ascontiguousarray(np.repeat(strip[None], 12, axis=0))
-        image = QImage(strip.data, 256, 12, 256 * 4, QImage.Format.Format_RGBA8888).copy()
+        image = QImage(strip.data, BAR_PX, 12, BAR_PX * 4, QImage.Format.Format_RGBA8888).copy()
         self.bar.native.setPixmap(QPixmap.fromImage(image))
         self.bar.native.setScaledContents(False)
 
@@ -194,15 +201,12 @@ class HeatmapsWidget(Container):
         self.flag_legend = Label(value=FLAG_LEGEND)
         self.legend = {m: _LegendRow(m) for m in HEATMAP_METRICS}
         self.status = Label(value="")
+        # The fields in a labelled form; the lines of text below span the whole width.
+        form = Container(widgets=fields, labels=True)
+        form.margins = (0, 0, 0, 0)
         super().__init__(
-            widgets=[
-                *fields,
-                self.status,
-                self.review,
-                self.flag_legend,
-                *self.legend.values(),
-            ],
-            labels=True,
+            widgets=[form, self.status, self.review, self.flag_legend, *self.legend.values()],
+            labels=False,
         )
         wrap_label(self.status)
         wrap_label(self.flag_legend)
@@ -259,7 +263,7 @@ class HeatmapsWidget(Container):
 
     def _action_fields(self) -> list[Any]:
         """Live mode, the measure / cancel buttons and the report button."""
-        self.live = CheckBox(text="Follow the GAN stain layer (measure tiles as they land)")
+        self.live = CheckBox(text="Follow the GAN stain (measure tiles as they land)")
         self.region_button = PushButton(text="Measure visible region")
         self.slide_button = PushButton(text="Measure whole slide")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -546,6 +550,11 @@ class HeatmapsWidget(Container):
         self.cancel_button.enabled = False
         if self._cancel.is_set() and not self.status.value.startswith("Measurement cancelled"):
             self._say("Measurement cancelled; the cells done so far are shown.")
+
+    @property
+    def running(self) -> bool:
+        """Whether a visible-region or whole-slide measurement is running."""
+        return self._worker is not None
 
     def cancel(self, *_: Any) -> None:
         """Stop the running measurement at the next chunk (or GAN block)."""
