@@ -32,7 +32,6 @@ from napari_confocal_stain.measure.slide import (  # noqa: E402
     MAP_NAMES,
     CellBlock,
     SlideMaps,
-    flag_cells,
     level_cell,
     measure_box,
 )
@@ -48,6 +47,18 @@ def affine_checkpoint(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("models") / "affine.safetensors"
     return save_checkpoint(path, build_model("affine"))
+
+
+@pytest.fixture(scope="module")
+def calibrated_affine(tmp_path_factory):
+    """The affine generator with the default model's flag calibration in its metadata."""
+    from napari_confocal_stain.measure.flags import CALIBRATION_KEY, load_calibration
+    from napari_confocal_stain.models.checkpoint import save_checkpoint
+    from napari_confocal_stain.models.registry import build_model
+
+    path = tmp_path_factory.mktemp("models") / "affine-calibrated.safetensors"
+    extra = {CALIBRATION_KEY: load_calibration().to_dict()}
+    return save_checkpoint(path, build_model("affine"), extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +151,14 @@ def test_painted_structure_and_erased_nucleus_light_up_exactly_their_cells(
     maps = widget.results(slide)[(slide, "painted output")]
     expected = np.zeros(maps.grid, bool)
     expected[painted_cell] = expected[erased_cell] = True
-    np.testing.assert_array_equal(widget.flagged(slide, "painted output"), expected)
+    # The calibrated flags (the default model's calibration: the output is another layer):
+    # the erased nucleus flags its cell, for that reason, with a marker on the nucleus.
+    flagged = widget.flagged(slide, "painted output")
+    assert flagged[erased_cell] and "erased_nuclei" in maps.reasons[erased_cell]
+    # The painted structure sits on glass (the slide's corner): a background cell is never
+    # flagged, however unlike its input the output is there.
+    assert maps.flags["tissue"][painted_cell] == 0 and not flagged[painted_cell]
+    assert not (flagged & (maps.flags["tissue"] == 0)).any()
     # Each cell lights up for its own reason: texture/structure there, a lost nucleus here.
     chi2, ssim = maps.maps["lbp_chi2"], maps.maps["ssim"]
     others = ~expected
@@ -180,15 +198,59 @@ def test_painted_structure_and_erased_nucleus_light_up_exactly_their_cells(
     assert tuple(np.round(layer.world_to_data(first))) == (i, j)
     assert tuple(np.round(layer.world_to_data(first - [0.75, 0.75]))) == (i - 1, j - 1)
     erased = next(lyr for lyr in viewer.layers if lyr.name.startswith(f"{slide} · erased"))
-    assert len(erased.data) == maps.maps["nuclei_erased"].sum()
+    np.testing.assert_array_equal(erased.data, maps.points["flag_erased"])
     assert np.hypot(*(erased.data - [ey, ex]).T).min() < 3
     invented = next(lyr for lyr in viewer.layers if lyr.name.startswith(f"{slide} · invented"))
-    cells = {(int(y) // CELL, int(x) // CELL) for y, x in invented.data}
-    assert cells <= {painted_cell}  # invented nuclei only where the structure was painted
-    assert erased.symbol[0] != invented.symbol[0]
-    # The legend shows the measured values and how many cells each metric flags.
-    assert "1 flagged" in widget.legend["lbp_chi2"].values.value
+    np.testing.assert_array_equal(invented.data.reshape(-1, 2), maps.points["flag_invented"])
+    assert erased.symbol[0] != invented.symbol[0] if len(invented.data) else True
+    # The legend shows the measured values and says what the colours mean, in words.
     assert f"{maps.grid[0] * maps.grid[1]} cells" in widget.legend["ssim"].values.value
+    assert "texture differs" in widget.legend["lbp_chi2"].meaning.value
+    assert "yellow outline = flagged cell" in widget.flag_legend.value
+    _check_review(viewer, widget, maps, flagged)
+
+
+def _check_review(viewer, widget, maps, flagged):
+    """Outlines, summary line and Next / Previous of a measured slide."""
+    scene = getattr(viewer, "scene", None)
+    camera = scene.camera if scene is not None else viewer.camera
+    slide = widget.slide.value
+    n, m = int(flagged.sum()), int((maps.flags["tissue"] == 1).sum())
+    assert n >= 2 and m > n
+    assert widget.review.summary.value.startswith(f"{slide}: {n} of {m} tissue cells flagged")
+    # One outline per flagged cell, on the cell's pixels.
+    (outlines,) = [
+        lyr
+        for lyr in viewer.layers
+        if lyr.metadata.get("confocal_stain", {}).get("kind") == "flagged"
+    ]
+    assert outlines.nshapes == n
+    corners = {tuple(np.round(d.min(axis=0) + 0.5).astype(int) // CELL) for d in outlines.data}
+    assert corners == {tuple(c) for c in np.argwhere(flagged)}
+    np.testing.assert_allclose(outlines.scale, [0.75, 0.75])
+    # Next walks the flagged cells from the highest score down, centring the camera on
+    # each cell and zooming in; it wraps after the last, and Previous goes back.
+    cells = [tuple(c) for c in np.argwhere(flagged)]
+    expected = sorted(cells, key=lambda c: (-maps.flags["score"][c], c))
+    assert widget.review.order == expected
+    seen = []
+    for _ in range(n + 1):
+        widget.review.next_button.clicked.emit()
+        centre = np.asarray(camera.center)[-2:]
+        seen.append(tuple(int(v) for v in centre / 0.75 // CELL))
+        i, j = seen[-1]
+        want = (np.array([i, j]) * CELL + (CELL - 1) / 2) * 0.75
+        np.testing.assert_allclose(centre, want, atol=1e-6)
+    assert seen == [*expected, expected[0]]
+    zoom = camera.zoom
+    assert zoom * CELL * 0.75 == pytest.approx(0.6 * min(viewer.canvas.size), rel=1e-6)
+    info = widget.review.cell_info.value
+    assert f"score {maps.flags['score'][expected[0]]:.2f}" in info and f"1 of {n}" in info
+    widget.review.prev_button.clicked.emit()
+    assert tuple(int(v) for v in np.asarray(camera.center)[-2:] / 0.75 // CELL) == expected[-1]
+    assert f"{n} of {n}" in widget.review.cell_info.value
+    words = widget.review.cell_info.value.split("Why: ")[1]
+    assert words and "_" not in words  # reasons in words, not signal names
 
 
 def test_gan_whole_slide_report_dock_and_saving(
@@ -351,6 +413,75 @@ def test_live_mode_measures_tiles_as_the_engine_lands_them(
 # ----------------------------------------------------------------------------- library
 
 
+def test_chunked_flags_equal_the_whole_slide_flags(synthetic_slide, painted):
+    from napari_confocal_stain.measure.flags import flag_hallucinations
+    from napari_confocal_stain.measure.slide import measure_slide, output_calibration
+
+    output = painted[0]
+    pipeline = StainPipeline(open_mosaic(synthetic_slide))
+    r, f = pipeline.raw(0, (0, SIZE[0], 0, SIZE[1]))
+    whole = flag_hallucinations(r, f, output / 255.0, cell=CELL)
+    slide = SlideMaps(SIZE, CELL)
+    calibration = output_calibration(pipeline, gan=False)  # another output: default model
+    for _, _, block in measure_slide(
+        pipeline, 0, CELL, output=lambda _lv, b: output[b[0] : b[1], b[2] : b[3]],
+        chunk=512, calibration=calibration,
+    ):  # fmt: skip
+        slide.add(block)
+    # 512-px chunks of 256-px cells, read with 96 px of context: every cell's flags are the
+    # whole slide's (same arithmetic on the same pixels; the tolerance is float noise).
+    np.testing.assert_allclose(slide.flags["score"], whole["score"], atol=1e-6)
+    np.testing.assert_array_equal(slide.flags["tissue"] == 1, whole["tissue"])
+    clear = np.abs(whole["score"] - 1) > 1e-3
+    np.testing.assert_array_equal(slide.flagged[clear], whole["flagged"][clear])
+    assert whole["flagged"].any() and not whole["flagged"][~whole["tissue"]].any()
+    for name, key in (("flag_erased", "erased_points"), ("flag_invented", "invented_points")):
+        a, b = slide.points[name], whole[key]
+        assert len(a) == len(b)
+        np.testing.assert_allclose(a[np.lexsort(a.T)], b[np.lexsort(b.T)], atol=1e-6)
+    for idx in np.argwhere(clear & whole["flagged"]):
+        assert slide.reasons[tuple(idx)] == whole["reasons"][tuple(idx)]
+
+
+def test_cli_metrics_csv_has_the_calibrated_flags(
+    synthetic_slide, calibrated_affine, tmp_path, capsys
+):
+    from napari_confocal_stain.measure.flags import flag_hallucinations
+
+    out = tmp_path / "cells.csv"
+    code = cli_main(
+        ["metrics", str(synthetic_slide), "--model", str(calibrated_affine), "--cell", "256",
+         "--chunk", "512", "--strategy", "independent", "--csv", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[-3:] == ["flagged", "score", "reasons"]
+    assert len(rows) == (SIZE[0] // 256) * (SIZE[1] // 256)
+    pipeline = StainPipeline(
+        open_mosaic(synthetic_slide),
+        StainSettings(model=str(calibrated_affine), strategy="independent"),
+    )
+    box = (0, SIZE[0], 0, SIZE[1])
+    r, f = pipeline.raw(0, box)
+    stained = to_uint8(pipeline.gan(0, box)) / 255.0
+    direct = flag_hallucinations(r, f, stained, cell=256, model=str(calibrated_affine))
+    for row in rows:
+        cell = int(row["cell_y"]), int(row["cell_x"])
+        assert row["flagged"] in ("0", "1")
+        score = float(row["score"])
+        assert (row["flagged"] == "1") == (score > 1) == (row["reasons"] != "")
+        assert score == pytest.approx(direct["score"][cell], abs=0.02)
+        if abs(direct["score"][cell] - 1) > 0.05:
+            assert (row["flagged"] == "1") == bool(direct["flagged"][cell])
+        if row["reasons"]:
+            assert set(row["reasons"].split("+")) <= set(direct["signal_names"])
+    n = sum(r["flagged"] == "1" for r in rows)
+    m = int(direct["tissue"].sum())
+    assert f"flags: {n} of {m} tissue cells flagged" in printed
+
+
 def test_slide_maps_keep_the_finest_level_and_flag_thresholds():
     slide = SlideMaps((1000, 1500), 512)
     assert slide.grid == (2, 3)
@@ -368,8 +499,6 @@ def test_slide_maps_keep_the_finest_level_and_flag_thresholds():
     assert slide.maps["lbp_chi2"][1, 2] == 0.5 and len(slide.points["erased"]) == 1
     slide.add(block(0, (1, 2), 0.01))  # same level: replaces, points too
     assert slide.maps["lbp_chi2"][1, 2] == 0.01 and len(slide.points["erased"]) == 0
-    flagged = flag_cells({"lbp_chi2": np.array([[0.1, np.nan]]), "ssim": np.array([[1, 0.1]])})
-    np.testing.assert_array_equal(flagged, [[True, True]])
     with pytest.raises(ValueError, match="minimum"):
         level_cell(128, 8)
     with pytest.raises(ValueError, match="whole number"):
@@ -395,8 +524,12 @@ def test_cli_metrics_csv_plot_and_errors(synthetic_slide, affine_checkpoint, tmp
     )  # fmt: skip
     assert args.func is metrics_cli.run
     assert args.func(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert printed.count("lbp_chi2") == 2 and "independent" in printed and "seamless" in printed
+    # A checkpoint without a flag calibration: metrics, no flags, one warning saying why.
+    assert "no hallucination flags" in captured.err and "calibrate" in captured.err
+    assert printed.count("flags: not computed") == 2
     with open(out / "cells.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     # Columns 500..1536 snap outwards to cells 0..2 (x 0..1536): 2 × 3 cells.
@@ -408,6 +541,7 @@ def test_cli_metrics_csv_plot_and_errors(synthetic_slide, affine_checkpoint, tmp
         assert float(r["seamless.lbp_chi2"]) < 0.01 and float(r["independent.ssim"]) > 0.99
         assert float(r["seamless.nuclei_preserved"]) >= 0.95
         assert float(r["seamless.nuclei_erased"]) <= 1
+        assert r["seamless.flagged"] == r["seamless.score"] == r["seamless.reasons"] == ""
     assert (out / "cells.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.iterdir()) == ["cells.csv", "cells.png"]
 

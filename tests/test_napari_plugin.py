@@ -176,6 +176,24 @@ def test_main_widget_opens_sample_and_stains_it(make_napari_viewer, qtbot):
     roles = sorted(lyr.metadata[META_KEY]["role"] for lyr in viewer.layers)
     assert roles == ["F", "R", "linear"]
     assert "4096" in widget.info.value
+    # Every tab's Slide choice points at the sample just opened.
+    (sample,) = slide_layers(viewer, "R")
+    for tab in (widget.gan, widget.linear, widget.despeckle, widget.heatmaps):
+        assert tab.slide.value == sample, type(tab).__name__
+
+
+def test_every_tab_follows_the_slide_opened_last(make_napari_viewer, synthetic_slide, tmp_path):
+    from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
+
+    viewer = make_napari_viewer()
+    widget = ConfocalStainWidget(viewer)
+    tabs = (widget.gan, widget.linear, widget.despeckle, widget.heatmaps)
+    viewer.open(str(synthetic_slide), plugin=PLUGIN)  # File ▸ Open
+    assert [t.slide.value for t in tabs] == ["mosaic_synthetic"] * 4
+    other = write_synthetic_mosaic(tmp_path / "second", size=(256, 256), seed=1)
+    widget.open_path(other)  # the panel's Open slide
+    (name,) = set(slide_layers(viewer, "R")) - {"mosaic_synthetic"}
+    assert [t.slide.value for t in tabs] == [name] * 4
 
 
 def test_sample_data_contribution(make_napari_viewer):

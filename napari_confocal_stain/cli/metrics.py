@@ -13,6 +13,7 @@ the summary, the CSV and the plot.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +38,14 @@ def add_parsers(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "metrics",
-        help="per-cell hallucination metrics (LBP χ², SSIM, nuclei) of a slide's GAN stain",
+        help="per-cell hallucination metrics (LBP χ², SSIM, nuclei) and calibrated flags of "
+        "a slide's GAN stain",
         description="Stain a slide (or a region) chunk by chunk with each inference strategy "
         "and measure every grid cell against the linear stain: LBP histogram χ² distance, "
-        "SSIM, and nuclei preserved / erased / invented. Prints a summary per strategy; "
-        "writes a CSV of all cells and a distribution plot (thesis Fig. 4.8).",
+        "SSIM, nuclei preserved / erased / invented, and the model's calibrated "
+        "hallucination flags (flagged, score, reasons; at levels of ≤ 1 µm/px). Prints a "
+        "summary per strategy; writes a CSV of all cells and a distribution plot (thesis "
+        "Fig. 4.8).",
     )
     p.add_argument("slide", type=Path, help="slide path (anything `confocal-stain info` opens)")
     p.add_argument(
@@ -85,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     mosaic = open_mosaic(args.slide)
     region = _region_in_slide(args, region_text, mosaic)
     pipelines = _pipelines(args, mosaic)
-    results, origin = _measure(args, mosaic, pipelines, region)
-    _report(args, mosaic, results, origin)
+    results = _measure(args, mosaic, pipelines, region)
+    _report(args, mosaic, results)
     return 0
 
 
@@ -141,64 +145,99 @@ def _pipelines(args: argparse.Namespace, mosaic: ConfocalMosaic) -> dict[str, St
     return pipelines
 
 
+class _Measured:
+    """One strategy's measured region: maps, flags and reasons of its cells."""
+
+    def __init__(self, slide: Any, region: Box | None) -> None:
+        sl = slide.region_cells(region)
+        self.maps = {k: v[sl].copy() for k, v in slide.maps.items()}
+        self.flags = {k: v[sl].copy() for k, v in slide.flags.items()}
+        self.reasons = slide.reasons[sl].copy()
+        self.origin = (sl[0].start, sl[1].start)
+
+
+def _calibration(args: argparse.Namespace, pipeline: StainPipeline) -> Any:
+    """The model's flag calibration, or None (with a warning) if it has none."""
+    from napari_confocal_stain.measure.slide import output_calibration
+
+    try:
+        return output_calibration(pipeline)
+    except ValueError as exc:
+        print(f"warning: no hallucination flags: {exc}", file=sys.stderr)
+        return None
+
+
 def _measure(
     args: argparse.Namespace,
     mosaic: ConfocalMosaic,
     pipelines: dict[str, StainPipeline],
     region: Box | None,
-) -> tuple[dict[str, dict[str, np.ndarray]], tuple[int, int]]:
-    """Measure every strategy; ``({strategy: maps of the region}, the region's first cell)``."""
+) -> dict[str, _Measured]:
+    """Measure every strategy: ``{strategy: its cells of the region}``."""
     from napari_confocal_stain.measure.slide import SlideMaps, measure_slide, slide_chunks
 
     first = next(iter(pipelines.values()))
     per_strategy = len(slide_chunks(first, args.level, args.cell, region, args.chunk))
     total = len(pipelines) * per_strategy
-    results: dict[str, dict[str, np.ndarray]] = {}
-    origin = (0, 0)
+    calibration = _calibration(args, first)
+    results: dict[str, _Measured] = {}
     with Progress(f"metrics {mosaic.name}", "chunk", quiet=args.quiet) as bar:
         for k, (strategy, pipe) in enumerate(pipelines.items()):
             slide = SlideMaps(mosaic.shape, args.cell)
             for done, n, block in measure_slide(
-                pipe, args.level, args.cell, region=region, chunk=args.chunk
-            ):
+                pipe, args.level, args.cell, region=region, chunk=args.chunk,
+                calibration=calibration,
+            ):  # fmt: skip
                 slide.add(block)
                 bar.note(f"{strategy} {done}/{n}")
                 bar(k * per_strategy + done, total)
-            results[strategy], origin = slide.crop(region)
-    return results, origin
+            results[strategy] = _Measured(slide, region)
+    return results
+
+
+def _flag_line(measured: _Measured) -> str:
+    flags = measured.flags
+    done = np.isfinite(flags["flagged"])
+    if not done.any():
+        return "flags: not computed (no calibration, or pixels coarser than 1 µm: use --level 0)"
+    n = int((flags["flagged"][done] == 1).sum())
+    m = int((flags["tissue"][done] == 1).sum())
+    return f"flags: {n} of {m} tissue cells flagged"
 
 
 def _report(
-    args: argparse.Namespace,
-    mosaic: ConfocalMosaic,
-    results: dict[str, dict[str, np.ndarray]],
-    origin: tuple[int, int],
+    args: argparse.Namespace, mosaic: ConfocalMosaic, results: dict[str, _Measured]
 ) -> None:
     """Print each strategy's summary; write the CSV and the plot if asked."""
     from napari_confocal_stain.measure.report import (
         cells_to_csv,
+        flag_columns,
         format_summary,
         plot_distributions,
         summarize,
     )
 
-    for strategy, maps in results.items():
+    for strategy, measured in results.items():
         print(f"# {mosaic.name} · {args.model} · {strategy} · cell {args.cell} px")
-        print(format_summary(summarize(maps)))
+        print(format_summary(summarize(measured.maps)))
+        print(_flag_line(measured))
     c = args.cell
     if args.csv is not None:
         columns = {}
-        for strategy, maps in results.items():
-            for name, m in maps.items():
-                columns[name if len(results) == 1 else f"{strategy}.{name}"] = m
+        for strategy, measured in results.items():
+            prefix = "" if len(results) == 1 else f"{strategy}."
+            cells = {**measured.maps, **flag_columns(measured.flags, measured.reasons)}
+            for name, m in cells.items():
+                columns[f"{prefix}{name}"] = m
         h, w = mosaic.shape
+        origin = next(iter(results.values())).origin
         oy, ox = origin[0] * c, origin[1] * c
         cells_to_csv(args.csv, columns, c, (oy, ox), image_shape=(h - oy, w - ox))
         print(f"wrote {args.csv}")
     if args.plot is not None:
         plot_distributions(
             args.plot,
-            results,
+            {strategy: measured.maps for strategy, measured in results.items()},
             title=f"{mosaic.name} · {args.model} · cell {c} px (level {args.level})",
             metrics=["lbp_chi2", "ssim", "nuclei_preserved"],
         )

@@ -27,11 +27,15 @@ from napari_confocal_stain._fs import write_atomic
 
 __all__ = [
     "METRIC_LABELS",
+    "REASON_WORDS",
     "STATISTICS",
     "cells_to_csv",
     "distribution_figure",
+    "flag_columns",
     "format_summary",
     "plot_distributions",
+    "reasons_in_words",
+    "reasons_label",
     "summarize",
 ]
 
@@ -44,6 +48,18 @@ METRIC_LABELS = {
     "nuclei_preserved": "nuclei preserved fraction (higher is better)",
     "nuclei_erased": "erased nuclei per cell (lower is better)",
     "nuclei_invented": "invented nuclei per cell (lower is better)",
+}
+#: What each hallucination-flag signal says about a cell, in words (for reviewers).
+REASON_WORDS = {
+    "lbp_chi2": "texture differs from the input (LBP χ²)",
+    "ssim": "structure differs from the input (SSIM)",
+    "structure": "a patch whose structure is not the input's",
+    "colour": "colours unusual for this model",
+    "texture": "texture the input does not explain",
+    "detail_loss": "the input's detail is lost (smeared or flattened)",
+    "periodic": "a checkerboard pattern (upsampling artefact)",
+    "erased_nuclei": "a nucleus in the fluorescence is missing from the stain",
+    "invented_nuclei": "a nucleus in the stain has none in the fluorescence",
 }
 _TITLES = {"lbp_chi2": "LBP χ²", "ssim": "SSIM", "nuclei_preserved": "Nuclei preserved"}
 
@@ -138,6 +154,8 @@ def cells_to_csv(
         Destination ``.csv`` (parent folders are created).
     maps
         ``{metric: (ny, nx) array}``, all the same shape (numpy, or dask — computed).
+        Object or string arrays are text columns, written as they are (e.g. the flags'
+        ``reasons``).
     cell
         Cell side in pixels.
     origin
@@ -156,7 +174,7 @@ def cells_to_csv(
     -----
     Columns: ``cell_y, cell_x, y0, x0, y1, x1`` (half-open pixel bounds ``[y0, y1)``,
     ``[x0, x1)``) then one column per metric in the order given; row-major order of
-    cells; values written with ``repr`` precision, NaN as ``nan``.
+    cells; numbers written with ``repr`` precision, NaN as ``nan``.
 
     Raises
     ------
@@ -167,7 +185,7 @@ def cells_to_csv(
         raise ValueError(f"cell must be a positive integer number of pixels, got {cell!r}")
     if not maps:
         raise ValueError("cells_to_csv needs at least one metric map")
-    arrays = {str(k): np.asarray(v, dtype=np.float64) for k, v in maps.items()}
+    arrays = {str(k): _column(v) for k, v in maps.items()}
     shapes = {k: a.shape for k, a in arrays.items()}
     first = next(iter(shapes.values()))
     if len(first) != 2 or any(s != first for s in shapes.values()):
@@ -197,10 +215,60 @@ def cells_to_csv(
                     ox + x0,
                     oy + y1,
                     ox + x1,
-                    *(repr(float(c[i, j])) for c in columns),
+                    *(
+                        str(c[i, j]) if c.dtype == object else repr(float(c[i, j]))
+                        for c in columns
+                    ),
                 ]
             )
     return write_atomic(path, buf.getvalue().encode("utf-8"))
+
+
+def _column(values: Any) -> np.ndarray:
+    """A CSV column: text (object) for object or string arrays, float64 otherwise."""
+    arr = np.asarray(values)
+    if arr.dtype == object or arr.dtype.kind in "US":
+        return arr.astype(object)
+    return arr.astype(np.float64)
+
+
+def flag_columns(flags: Mapping[str, np.ndarray], reasons: np.ndarray) -> dict[str, np.ndarray]:
+    """The calibrated flags of cells as CSV text columns ``flagged``, ``score``, ``reasons``.
+
+    Parameters
+    ----------
+    flags
+        ``{"flagged", "score"}`` → ``(ny, nx)`` float (NaN where not computed), as in
+        :class:`~napari_confocal_stain.measure.slide.SlideMaps`.
+    reasons
+        ``(ny, nx)`` object array of signal-name tuples.
+
+    Returns
+    -------
+    dict
+        ``flagged`` ``"1"``/``"0"``, ``score`` as ``%.3f``, ``reasons`` the signal names
+        joined by ``+`` (e.g. ``"erased_nuclei+ssim"``, empty when not flagged); all three
+        empty where the flags were not computed.
+    """
+    flagged = np.asarray(flags["flagged"], np.float64)
+    score = np.asarray(flags["score"], np.float64)
+    out = {name: np.empty(flagged.shape, object) for name in ("flagged", "score", "reasons")}
+    for idx, value in np.ndenumerate(flagged):
+        done = np.isfinite(value)
+        out["flagged"][idx] = str(int(value)) if done else ""
+        out["score"][idx] = f"{score[idx]:.3f}" if done else ""
+        out["reasons"][idx] = reasons_label(reasons[idx]) if done else ""
+    return out
+
+
+def reasons_in_words(names: Any) -> str:
+    """Signal names as a reviewer reads them, ``"; "``-separated (see :data:`REASON_WORDS`)."""
+    return "; ".join(REASON_WORDS.get(str(n), str(n)) for n in (names or ()))
+
+
+def reasons_label(names: Any) -> str:
+    """Signal names as one short token, e.g. ``"erased_nuclei+ssim"`` (``""`` for none)."""
+    return "+".join(str(n) for n in (names or ()))
 
 
 def distribution_figure(

@@ -10,6 +10,10 @@ viewer and on the command line:
   :class:`~napari_confocal_stain.engine.pipeline.StainPipeline` (or any other output).
 * :func:`measure_slide` — a whole slide (or a region) streamed chunk by chunk.
 * :class:`SlideMaps` — the slide-wide cell grid the blocks are pasted into.
+* :func:`flag_block` — the calibrated hallucination flags
+  (:func:`~napari_confocal_stain.measure.flags.flag_hallucinations`) of a region read with
+  context; :func:`measure_box` adds them to every block when given a calibration
+  (:func:`output_calibration`).
 
 Conventions
     The cell grid is anchored at level-0 pixel (0, 0) with ``cell`` level-0 pixels a side.
@@ -19,14 +23,16 @@ Conventions
     are compared as the viewer shows them: uint8 RGB (``to_uint8``), luminance per
     :func:`~napari_confocal_stain.core.metrics.luminance`. Nuclei are only counted where a
     pixel is at most :data:`NUCLEI_MAX_PIXEL_UM` (LoG detection of 5 µm nuclei needs a few
-    pixels per nucleus); elsewhere the nuclei maps are NaN.
+    pixels per nucleus); elsewhere the nuclei maps are NaN. The calibrated flags are
+    computed at the same levels (and for cells of 64 to 1024 pixels there); elsewhere the
+    flag maps are NaN and no cell is flagged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,7 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "CHUNK_PX",
     "CONTEXT_PX",
-    "DEFAULT_THRESHOLDS",
+    "FLAG_CONTEXT_PX",
+    "FLAG_NAMES",
+    "FLAG_POINTS",
     "MAP_NAMES",
     "MIN_CELL_PX",
     "NUCLEI_MAX_PIXEL_UM",
@@ -47,12 +55,14 @@ __all__ = [
     "OutputReader",
     "SlideMaps",
     "chunk_boxes",
-    "flag_cells",
+    "flag_block",
+    "flags_measurable",
     "level_cell",
     "measure_block",
     "measure_box",
     "measure_slide",
     "nuclei_maps",
+    "output_calibration",
     "slide_chunks",
 ]
 
@@ -67,16 +77,16 @@ NUCLEI_MAX_PIXEL_UM = 1.0
 CONTEXT_PX = 64
 #: Default level-0 chunk side of :func:`measure_slide` (rounded to whole cells).
 CHUNK_PX = 2048
-#: When a cell is flagged as a likely hallucination: ``metric: (">" or "<", value)``.
-#: χ²: the thesis's models average 0.018 (U-Net) and 0.033 (ResNet) on real slides;
-#: SSIM: 0.56 and 0.50. A cell well outside those, or with an erased or invented nucleus,
-#: deserves a look.
-DEFAULT_THRESHOLDS: dict[str, tuple[str, float]] = {
-    "lbp_chi2": (">", 0.08),
-    "ssim": ("<", 0.3),
-    "nuclei_erased": (">", 0.5),
-    "nuclei_invented": (">", 0.5),
-}
+#: Context (pixels) the calibrated flags read around a box: their local windows reach about
+#: 70 px (three σ of the 12 µm window at 0.75 µm/px, plus the widest detail band).
+FLAG_CONTEXT_PX = 96
+#: Per-cell flag maps: calibrated score, flagged (1/0) and tissue cell (1/0); NaN where
+#: the flags were not computed.
+FLAG_NAMES = ("score", "flagged", "tissue")
+#: Points of the flags: F nuclei missing from the stain and stain nuclei F does not have,
+#: each strong enough to flag its cell on its own (level-0 pixels).
+FLAG_POINTS = ("flag_erased", "flag_invented")
+POINT_NAMES = ("erased", "invented", "preserved", *FLAG_POINTS)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -300,8 +310,140 @@ class CellBlock:
     origin: tuple[int, int]
     #: ``{name: (ny, nx)}`` maps (see :data:`MAP_NAMES`).
     maps: dict[str, np.ndarray]
-    #: ``{"erased", "invented", "preserved"}`` → ``(K, 2)`` level-0 pixel ``(y, x)``.
+    #: ``{"erased", "invented", "preserved"}`` (and, with flags, :data:`FLAG_POINTS`)
+    #: → ``(K, 2)`` level-0 pixel ``(y, x)``.
     points: dict[str, np.ndarray]
+    #: ``{name: (ny, nx)}`` for :data:`FLAG_NAMES` (empty when not flagged).
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
+    #: ``(ny, nx)`` object array of signal-name tuples (None when not flagged).
+    reasons: np.ndarray | None = None
+
+
+def flags_measurable(cell_px: int, pixel_size_um: float) -> bool:
+    """Whether the calibrated flags are computed for cells of a level.
+
+    Parameters
+    ----------
+    cell_px
+        Cell side in the level's pixels.
+    pixel_size_um
+        The level's pixel size (µm).
+
+    Returns
+    -------
+    bool
+        True for cells of 64 to 1024 pixels at ≤ :data:`NUCLEI_MAX_PIXEL_UM` µm/px: the
+        flags' nuclei signals need a few pixels per nucleus, as the nuclei maps do.
+    """
+    from napari_confocal_stain.measure.flags import MAX_CELL, MIN_CELL
+
+    return MIN_CELL <= int(cell_px) <= MAX_CELL and float(pixel_size_um) <= NUCLEI_MAX_PIXEL_UM
+
+
+def output_calibration(pipeline: StainPipeline | None, gan: bool = True) -> Any:
+    """The flag calibration that fits an output.
+
+    Parameters
+    ----------
+    pipeline
+        The slide's pipeline (its ``settings.model`` stained the GAN output), or None.
+    gan
+        True when the measured output is that pipeline's GAN stain; otherwise (another
+        RGB layer, made by an unknown model) the default model's calibration is used.
+
+    Returns
+    -------
+    FlagCalibration
+
+    Raises
+    ------
+    ValueError
+        The model's checkpoint holds no (or a malformed) flag calibration.
+    CheckpointError
+        The checkpoint cannot be read.
+    """
+    from napari_confocal_stain.measure.flags import load_calibration
+
+    model = pipeline.settings.model if gan and pipeline is not None else None
+    return load_calibration(model)
+
+
+def flag_block(
+    r: np.ndarray,
+    f: np.ndarray,
+    output: np.ndarray,
+    cell_px: int,
+    *,
+    inner: Box,
+    calibration: Any,
+    pixel_size_um: float,
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+    """Calibrated hallucination flags of the cells of ``inner``, from arrays with context.
+
+    Parameters
+    ----------
+    r, f
+        ``(H, W)`` reflectance and fluorescence in [0, 1], read with context (at least
+        :data:`FLAG_CONTEXT_PX` pixels where the slide has them).
+    output
+        ``(H, W, 3)`` stained output of the same pixels, uint8 or floats in [0, 1].
+    cell_px
+        Cell side in pixels (64 to 1024).
+    inner
+        ``(y0, y1, x0, x1)`` of the measured region in the arrays; cell (0, 0) starts at
+        its corner. Its corner must be a multiple of ``cell_px`` from the arrays' corner
+        or at least :data:`FLAG_CONTEXT_PX` pixels inside them.
+    calibration
+        Passed to :func:`~napari_confocal_stain.measure.flags.flag_hallucinations` as
+        ``model`` (a :class:`~napari_confocal_stain.measure.flags.FlagCalibration`, a
+        model name or a path).
+    pixel_size_um
+        Pixel size of the arrays.
+
+    Returns
+    -------
+    flags : dict
+        ``{name: (ny, nx) float64}`` for :data:`FLAG_NAMES`.
+    reasons : numpy.ndarray
+        ``(ny, nx)`` object array of signal-name tuples (empty where not flagged).
+    points : dict
+        :data:`FLAG_POINTS` → ``(K, 2)`` ``(y, x)`` relative to the corner of ``inner``.
+    """
+    from napari_confocal_stain.core.metrics import cell_grid_shape
+    from napari_confocal_stain.measure.flags import flag_hallucinations
+
+    y0, y1, x0, x1 = inner
+    h, w = r.shape
+    # The flags' grid starts at the image corner. Padding the top and left with glass
+    # (no tissue: never flagged) puts a cell corner on inner's corner; the padding is
+    # farther from the inner cells than any of the flags' windows reach.
+    top, left = (-y0) % cell_px, (-x0) % cell_px
+    bottom, right = max(0, cell_px - top - h), max(0, cell_px - left - w)
+    pad = ((top, bottom), (left, right))
+    stained = np.asarray(output)
+    stained = stained / 255.0 if stained.dtype == np.uint8 else stained
+    res = flag_hallucinations(
+        np.pad(np.asarray(r, np.float32), pad),
+        np.pad(np.asarray(f, np.float32), pad),
+        np.pad(np.asarray(stained, np.float32), (*pad, (0, 0)), constant_values=1.0),
+        cell=int(cell_px),
+        model=calibration,
+        pixel_size_um=pixel_size_um,
+    )
+    grid = cell_grid_shape((y1 - y0, x1 - x0), cell_px)
+    iy, ix = (top + y0) // cell_px, (left + x0) // cell_px
+    sl = (slice(iy, iy + grid[0]), slice(ix, ix + grid[1]))
+    flags = {
+        "score": np.asarray(res["score"][sl], np.float64),
+        "flagged": res["flagged"][sl].astype(np.float64),
+        "tissue": res["tissue"][sl].astype(np.float64),
+    }
+    corner = np.array([top + y0, left + x0], np.float64)
+    points = {}
+    for name, key in zip(FLAG_POINTS, ("erased_points", "invented_points"), strict=True):
+        pts = np.asarray(res[key], np.float64).reshape(-1, 2) - corner
+        points[name] = pts[_inside(pts, (0, y1 - y0, 0, x1 - x0))]
+    return flags, res["reasons"][sl], points
 
 
 OutputReader = Callable[[int, Box], np.ndarray]
@@ -324,6 +466,7 @@ def measure_box(
     output: OutputReader | None = None,
     context: int = CONTEXT_PX,
     nuclei: bool | None = None,
+    calibration: Any = None,
     cancel: Callable[[], bool] | None = None,
     workers: int | None = None,
 ) -> CellBlock:
@@ -343,9 +486,13 @@ def measure_box(
     output
         Reader of the stained output; default: ``pipeline.gan`` with ``context`` pixels.
     context
-        Pixels read around the box (GAN context and nuclei halo).
+        Pixels read around the box (GAN context and nuclei halo); at least
+        :data:`FLAG_CONTEXT_PX` when flagging.
     nuclei
         Count nuclei (default: when the level's pixel is ≤ :data:`NUCLEI_MAX_PIXEL_UM`).
+    calibration
+        Flag calibration (:func:`output_calibration`) to also compute the calibrated
+        flags (:func:`flag_block`) where :func:`flags_measurable`; None: no flags.
     cancel
         Polled by the GAN; returning True raises
         :class:`~napari_confocal_stain.inference.Cancelled`.
@@ -373,6 +520,9 @@ def measure_box(
     px = float(pipeline.mosaic.pixel_size_um) * ds
     if nuclei is None:
         nuclei = px <= NUCLEI_MAX_PIXEL_UM
+    flagging = calibration is not None and flags_measurable(cell_px, px)
+    if flagging:
+        context = max(int(context), FLAG_CONTEXT_PX)
     grown = pipeline.grown(level, box, context)
     source = _uint8(pipeline.linear(level, grown))
     if output is None:
@@ -384,15 +534,22 @@ def measure_box(
             f"the output's pixels at {grown} have shape {out.shape}, the slide's "
             f"{source.shape}: measure an output of the slide's size"
         )
-    f = pipeline.raw(level, grown)[1] if nuclei else None
+    r, f = pipeline.raw(level, grown) if (nuclei or flagging) else (None, None)
     gy0, _, gx0, _ = grown
     inner = (y0 - gy0, y1 - gy0, x0 - gx0, x1 - gx0)
     maps, pts = measure_block(
-        source, out, f, cell_px, inner=inner, pixel_size_um=px, workers=workers
-    )
+        source, out, f if nuclei else None, cell_px, inner=inner, pixel_size_um=px,
+        workers=workers,
+    )  # fmt: skip
+    flags, reasons = {}, None
+    if flagging:
+        flags, reasons, flag_pts = flag_block(
+            r, f, out, cell_px, inner=inner, calibration=calibration, pixel_size_um=px
+        )
+        pts.update(flag_pts)
     origin = np.array([y0, x0], np.float64)
     points = {k: (v + origin) * ds for k, v in pts.items()}
-    return CellBlock(int(level), (y0 // cell_px, x0 // cell_px), maps, points)
+    return CellBlock(int(level), (y0 // cell_px, x0 // cell_px), maps, points, flags, reasons)
 
 
 @dataclass
@@ -400,7 +557,8 @@ class SlideMaps:
     """The per-cell maps of a whole slide, filled block by block.
 
     A cell keeps the measurement of the finest level that measured it (a coarse overview
-    never overwrites a full-resolution value); points are replaced per cell likewise.
+    never overwrites a full-resolution value); points, flags and reasons are replaced per
+    cell likewise.
 
     Parameters
     ----------
@@ -416,12 +574,19 @@ class SlideMaps:
     #: Level each cell was measured at (a large number where not measured).
     levels: np.ndarray = field(init=False)
     points: dict[str, np.ndarray] = field(init=False)
+    #: :data:`FLAG_NAMES` → ``(ny, nx)``, NaN where the flags were not computed.
+    flags: dict[str, np.ndarray] = field(init=False)
+    #: ``(ny, nx)`` object array: the signal names that flagged each cell.
+    reasons: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.grid = (-(-int(self.shape[0]) // self.cell), -(-int(self.shape[1]) // self.cell))
         self.maps = {name: np.full(self.grid, np.nan) for name in MAP_NAMES}
         self.levels = np.full(self.grid, 255, np.int16)
-        self.points = {k: np.empty((0, 2)) for k in ("erased", "invented", "preserved")}
+        self.points = {k: np.empty((0, 2)) for k in POINT_NAMES}
+        self.flags = {name: np.full(self.grid, np.nan) for name in FLAG_NAMES}
+        self.reasons = np.empty(self.grid, object)
+        self.reasons.fill(())
 
     def add(self, block: CellBlock) -> tuple[slice, slice]:
         """Paste a block; returns the slide-grid slices it covered."""
@@ -432,13 +597,22 @@ class SlideMaps:
         take = self.levels[sl] >= block.level  # finer or equal levels replace
         for name in MAP_NAMES:
             self.maps[name][sl][take] = block.maps[name][:ny, :nx][take]
+        for name in FLAG_NAMES:
+            new = block.flags.get(name)
+            self.flags[name][sl][take] = np.nan if new is None else new[:ny, :nx][take]
+        if block.reasons is None:
+            reasons = np.empty((ny, nx), object)
+            reasons.fill(())
+        else:
+            reasons = block.reasons[:ny, :nx]
+        self.reasons[sl][take] = reasons[take]
         self.levels[sl][take] = block.level
         replaced = np.zeros(self.grid, bool)
         replaced[sl] = take
         for name, pts in self.points.items():
             if len(pts):
                 pts = pts[~replaced.ravel()[_cell_index(pts, self.cell, self.grid)]]
-            new = block.points[name]
+            new = block.points.get(name, np.empty((0, 2)))
             if len(new):
                 new = new[replaced.ravel()[_cell_index(new, self.cell, self.grid)]]
                 pts = np.concatenate([pts, new])
@@ -450,46 +624,29 @@ class SlideMaps:
         """Boolean map of the cells measured at any level."""
         return self.levels < 255
 
-    def crop(self, region: Box | None) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
-        """The maps of the cells of a level-0 region, and its first cell's index."""
+    @property
+    def flagged(self) -> np.ndarray:
+        """Boolean map of the cells the calibrated flags flagged (never a background cell)."""
+        return self.flags["flagged"] == 1
+
+    def flag_summary(self) -> tuple[int, int, int]:
+        """``(flagged, tissue cells, measured cells without flags)`` of the slide so far."""
+        done = np.isfinite(self.flags["flagged"])
+        tissue = int((self.flags["tissue"][done] == 1).sum())
+        return int(self.flagged.sum()), tissue, int((self.measured & ~done).sum())
+
+    def region_cells(self, region: Box | None) -> tuple[slice, slice]:
+        """The slide-grid slices of the cells of a level-0 region (all for None)."""
         if region is None:
-            return {k: v.copy() for k, v in self.maps.items()}, (0, 0)
+            return slice(0, self.grid[0]), slice(0, self.grid[1])
         y0, y1, x0, x1 = region
         c = self.cell
-        sl = (slice(y0 // c, -(-y1 // c)), slice(x0 // c, -(-x1 // c)))
+        return slice(y0 // c, -(-y1 // c)), slice(x0 // c, -(-x1 // c))
+
+    def crop(self, region: Box | None) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+        """The maps of the cells of a level-0 region, and its first cell's index."""
+        sl = self.region_cells(region)
         return {k: v[sl].copy() for k, v in self.maps.items()}, (sl[0].start, sl[1].start)
-
-
-def flag_cells(
-    maps: Mapping[str, np.ndarray],
-    thresholds: Mapping[str, tuple[str, float]] = DEFAULT_THRESHOLDS,
-) -> np.ndarray:
-    """Cells where any metric is beyond its threshold (likely hallucination).
-
-    Parameters
-    ----------
-    maps
-        ``{name: (ny, nx)}`` per-cell maps.
-    thresholds
-        ``{name: (">" or "<", value)}``; metrics missing from ``maps`` are ignored and NaN
-        never counts as beyond.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(ny, nx)`` bool.
-    """
-    flagged = None
-    for name, (op, value) in thresholds.items():
-        if name not in maps:
-            continue
-        m = np.asarray(maps[name], np.float64)
-        with np.errstate(invalid="ignore"):
-            hit = m > value if op == ">" else m < value
-        flagged = hit if flagged is None else flagged | hit
-    if flagged is None:
-        raise ValueError(f"none of the thresholded metrics {list(thresholds)} is in the maps")
-    return flagged
 
 
 def slide_chunks(
@@ -530,6 +687,7 @@ def measure_slide(
     chunk: int = CHUNK_PX,
     context: int = CONTEXT_PX,
     nuclei: bool | None = None,
+    calibration: Any = None,
     cancel: Callable[[], bool] | None = None,
     workers: int | None = None,
 ) -> Iterator[tuple[int, int, CellBlock]]:
@@ -537,7 +695,7 @@ def measure_slide(
 
     Parameters
     ----------
-    pipeline, level, cell, output, context, nuclei, cancel, workers
+    pipeline, level, cell, output, context, nuclei, calibration, cancel, workers
         As for :func:`measure_box`.
     region
         ``(y0, y1, x0, x1)`` in **level-0** pixels (snapped outwards to the cell grid);
@@ -554,6 +712,6 @@ def measure_slide(
     for i, box in enumerate(boxes):
         block = measure_box(
             pipeline, level, box, cell, output=output, context=context, nuclei=nuclei,
-            cancel=cancel, workers=workers,
+            calibration=calibration, cancel=cancel, workers=workers,
         )  # fmt: skip
         yield i + 1, len(boxes), block

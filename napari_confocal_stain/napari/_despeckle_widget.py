@@ -24,6 +24,7 @@ from napari_confocal_stain.napari._live import (
 from napari_confocal_stain.napari._model_choice import ModelChooser, load_model_async
 from napari_confocal_stain.napari._viewer_state import (
     chosen_slide,
+    follow_opened_slides,
     overlay_kwargs,
     slide_layers,
     slide_mosaic,
@@ -52,6 +53,7 @@ class DespeckleWidget(Container):
         self._viewer = viewer
         self._on_change = on_change
         self.slide = ComboBox(label="Slide", choices=lambda *_: slide_names(viewer), nullable=True)
+        follow_opened_slides(viewer, self.slide)
         self.model = ModelChooser("Model", "despeckle", DEFAULT_DESPECKLE_MODEL)
         self.median = CheckBox(text="3×3 median after the network (Combalia)", value=True)
         self.for_stains = CheckBox(

@@ -44,6 +44,7 @@ from napari_confocal_stain.napari._live import (
 from napari_confocal_stain.napari._model_choice import ModelChooser, load_model_async
 from napari_confocal_stain.napari._viewer_state import (
     chosen_slide,
+    follow_opened_slides,
     overlay_kwargs,
     slide_layers,
     slide_mosaic,
@@ -119,6 +120,7 @@ class GanStainWidget(Container):
     def _view_fields(self, viewer: napari.viewer.Viewer) -> list[Any]:
         """The live view's fields, in panel order: what to stain, how, Start/Stop, status."""
         self.slide = ComboBox(label="Slide", choices=lambda *_: slide_names(viewer), nullable=True)
+        follow_opened_slides(viewer, self.slide)
         self.model = ModelChooser("Model", "stain", DEFAULT_STAIN_MODEL)
         self.strategy = ComboBox(
             label="Strategy",

@@ -1,10 +1,14 @@
 """The Heatmaps widget: where may the network have invented or erased structure?
 
 Adds, over a slide's stained view, one semi-transparent Image layer per metric whose pixels
-are grid cells (LBP χ², SSIM and nuclei preserved fraction; bright = look here), and two
-Points layers with the erased (F nuclei missing from the stain) and invented nuclei. The
-numbers come from :mod:`napari_confocal_stain.measure`, the same code as the
-``confocal-stain metrics`` command.
+are grid cells (LBP χ², SSIM and nuclei preserved fraction; bright = look here), the
+calibrated hallucination flags (:func:`~napari_confocal_stain.measure.flag_hallucinations`,
+with the calibration of the model that made the GAN stain) as outlines of the flagged cells,
+and two Points layers with the nuclei the flags found erased (F nuclei missing from the
+stain) or invented. :mod:`~napari_confocal_stain.napari._flag_review` shows the per-slide
+summary and walks the flagged cells. The numbers come from
+:mod:`napari_confocal_stain.measure`, the same code as the ``confocal-stain metrics``
+command.
 
 Three ways to fill the maps:
 
@@ -32,7 +36,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
-    FloatSpinBox,
     Label,
     PushButton,
     SpinBox,
@@ -44,23 +47,29 @@ from napari_confocal_stain.measure.slide import (
     MIN_CELL_PX,
     CellBlock,
     SlideMaps,
-    flag_cells,
     level_cell,
     measure_box,
     measure_slide,
+    output_calibration,
     slide_chunks,
 )
 from napari_confocal_stain.napari._errors import describe
+from napari_confocal_stain.napari._flag_review import (
+    OUTLINE_COLOUR,
+    FlagReview,
+    outline_rectangles,
+)
 from napari_confocal_stain.napari._layers import META_KEY
 from napari_confocal_stain.napari._live import live_layers
 from napari_confocal_stain.napari._report_dock import MetricsReportWidget
 from napari_confocal_stain.napari._viewer_state import (
+    follow_opened_slides,
     layer_meta,
     metrics_bus,
     slide_layers,
     slide_mosaic,
 )
-from napari_confocal_stain.napari._widget_parts import PANEL_WIDTH, wrap_label
+from napari_confocal_stain.napari._widget_parts import PANEL_WIDTH, button_row, wrap_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -75,12 +84,27 @@ HEATMAP_METRICS: dict[str, tuple[str, tuple[float, float], bool]] = {
     "ssim": ("SSIM", (0.0, 1.0), True),
     "nuclei_preserved": ("nuclei preserved fraction", (0.0, 1.0), True),
 }
-#: Points layers: (title, symbol, colour).
-NUCLEI_POINTS = {
-    "erased": ("erased nuclei", "x", "#ff2d55"),
-    "invented": ("invented nuclei", "triangle_up", "#00e5ff"),
+#: What each map's colours mean, in words.
+HEATMAP_MEANING = {
+    "lbp_chi2": "the output's texture differs from the input's",
+    "ssim": "the output's structure differs from the input's",
+    "nuclei_preserved": "nuclei in the fluorescence are missing from the stain",
 }
+#: Points layers (the calibrated flags' nuclei): (points key, title, symbol, colour).
+NUCLEI_POINTS = {
+    "erased": ("flag_erased", "erased nuclei", "x", "#ff2d55"),
+    "invented": ("flag_invented", "invented nuclei", "triangle_up", "#00e5ff"),
+}
+#: How the flags, outlines and markers read, in words.
+FLAG_LEGEND = (
+    f"<span style='color:{OUTLINE_COLOUR}'>■</span> yellow outline = flagged cell: the "
+    "model may have invented or erased structure there (calibrated for the model). "
+    "<span style='color:#ff2d55'>✕</span> red cross = a nucleus in the fluorescence the "
+    "stain erased; <span style='color:#00e5ff'>▲</span> cyan triangle = a nucleus the stain "
+    "invented."
+)
 GAN_OUTPUT = "GAN stain (model below)"
+BAR_PX = 200  # legend colour bar width: fits the dock with its two range labels
 HEATMAP_OPACITY = 0.7
 
 
@@ -120,33 +144,45 @@ class _LegendRow(Container):
         title, (lo, hi), low_bad = HEATMAP_METRICS[metric]
         self.title = Label(value=f"<b>{title}</b> ({'low' if low_bad else 'high'} = suspicious)")
         self.bar = Label(value="")
-        self.range = Label(value=f"{lo:g}{' ' * 30}{hi:g}")
+        self.low, self.high = Label(value=f"{lo:g}"), Label(value=f"{hi:g}")
+        self.meaning = Label(
+            value=f"Clear = like the input; purple → orange → yellow: {HEATMAP_MEANING[metric]}"
+            ", more and more."
+        )
         self.values = Label(value="no cells measured")
-        super().__init__(widgets=[self.title, self.bar, self.range, self.values], labels=False)
+        super().__init__(
+            widgets=[
+                self.title,
+                button_row(self.low, self.bar, self.high),
+                self.meaning,
+                self.values,
+            ],
+            labels=False,
+        )
         self.margins = (0, 0, 0, 0)
+        wrap_label(self.meaning)
         wrap_label(self.values)
         self._paint_bar()
 
     def _paint_bar(self) -> None:
         from qtpy.QtGui import QImage, QPixmap
 
-        rgba = _colormap(self.metric).map(np.linspace(0.0, 1.0, 256))
+        rgba = _colormap(self.metric).map(np.linspace(0.0, 1.0, BAR_PX))
         strip = (np.clip(rgba, 0, 1) * 255).astype(np.uint8)
         strip = np.ascontiguousarray(np.repeat(strip[None], 12, axis=0))
-        image = QImage(strip.data, 256, 12, 256 * 4, QImage.Format.Format_RGBA8888).copy()
+        image = QImage(strip.data, BAR_PX, 12, BAR_PX * 4, QImage.Format.Format_RGBA8888).copy()
         self.bar.native.setPixmap(QPixmap.fromImage(image))
         self.bar.native.setScaledContents(False)
 
-    def show_values(self, values: np.ndarray, flagged: int | None) -> None:
+    def show_values(self, values: np.ndarray) -> None:
         v = np.asarray(values, np.float64)
         v = v[np.isfinite(v)]
         if v.size == 0:
             self.values.value = "no cells measured"
             return
-        text = f"{v.size} cells: min {v.min():.3f} · mean {v.mean():.3f} · max {v.max():.3f}"
-        if flagged is not None:
-            text += f" · {flagged} flagged"
-        self.values.value = text
+        self.values.value = (
+            f"{v.size} cells: min {v.min():.3f} · mean {v.mean():.3f} · max {v.max():.3f}"
+        )
 
 
 class HeatmapsWidget(Container):
@@ -161,12 +197,23 @@ class HeatmapsWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer = viewer
         fields = [*self._measure_fields(), *self._action_fields()]
+        self.review = FlagReview(viewer)
+        self.flag_legend = Label(value=FLAG_LEGEND)
         self.legend = {m: _LegendRow(m) for m in HEATMAP_METRICS}
         self.status = Label(value="")
-        super().__init__(widgets=[*fields, *self.legend.values(), self.status], labels=True)
+        # The fields in a labelled form; the lines of text below span the whole width.
+        form = Container(widgets=fields, labels=True)
+        form.margins = (0, 0, 0, 0)
+        super().__init__(
+            widgets=[form, self.status, self.review, self.flag_legend, *self.legend.values()],
+            labels=False,
+        )
         wrap_label(self.status)
+        wrap_label(self.flag_legend)
         self.max_width = PANEL_WIDTH
         self._results: dict[tuple[str, str], SlideMaps] = {}
+        # Why a measured output has no flags (e.g. a checkpoint without a calibration).
+        self._flag_notes: dict[tuple[str, str], str] = {}
         self._worker: Any = None
         self._pbar: Any = None
         self._cancel = threading.Event()
@@ -180,11 +227,12 @@ class HeatmapsWidget(Container):
         self._show_model_fields()
 
     def _measure_fields(self) -> list[Any]:
-        """What to measure and how: slide, output, model, cell, level, thresholds."""
+        """What to measure and how: slide, output, model, cell, level."""
         from napari_confocal_stain.core.tiling import STRATEGIES
         from napari_confocal_stain.models.defaults import DEFAULT_STAIN_MODEL
 
         self.slide = ComboBox(label="Slide", choices=self._slide_choices, nullable=False)
+        follow_opened_slides(self._viewer, self.slide)
         self.output = ComboBox(
             label="Output",
             choices=self._output_choices,
@@ -203,12 +251,6 @@ class HeatmapsWidget(Container):
         self.strategy = ComboBox(label="Strategy", choices=list(STRATEGIES), value="seamless")
         self.cell = ComboBox(label="Cell (px)", choices=[128, 256, 512, 1024], value=512)
         self.level = SpinBox(label="Whole-slide level", value=0, min=0, max=12)
-        self.chi2_above = FloatSpinBox(
-            label="Flag χ² above", value=0.08, min=0.0, max=1.0, step=0.01
-        )
-        self.ssim_below = FloatSpinBox(
-            label="Flag SSIM below", value=0.3, min=-1.0, max=1.0, step=0.05
-        )
         return [
             self.slide,
             self.output,
@@ -217,13 +259,11 @@ class HeatmapsWidget(Container):
             self.strategy,
             self.cell,
             self.level,
-            self.chi2_above,
-            self.ssim_below,
         ]
 
     def _action_fields(self) -> list[Any]:
         """Live mode, the measure / cancel buttons and the report button."""
-        self.live = CheckBox(text="Follow the GAN stain layer (measure tiles as they land)")
+        self.live = CheckBox(text="Follow the GAN stain (measure tiles as they land)")
         self.region_button = PushButton(text="Measure visible region")
         self.slide_button = PushButton(text="Measure whole slide")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -243,8 +283,6 @@ class HeatmapsWidget(Container):
         self.report_button.changed.connect(self.open_report)
         self.live.changed.connect(self._on_live_toggled)
         self.slide.changed.connect(self._on_slide_changed)
-        self.chi2_above.changed.connect(self._refresh_legend)
-        self.ssim_below.changed.connect(self._refresh_legend)
         self.output.changed.connect(self._show_model_fields)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
@@ -362,15 +400,6 @@ class HeatmapsWidget(Container):
 
         return read
 
-    def thresholds(self) -> dict[str, tuple[str, float]]:
-        """The flagging thresholds of the widget (see :func:`~..measure.slide.flag_cells`)."""
-        return {
-            "lbp_chi2": (">", float(self.chi2_above.value)),
-            "ssim": ("<", float(self.ssim_below.value)),
-            "nuclei_erased": (">", 0.5),
-            "nuclei_invented": (">", 0.5),
-        }
-
     def results(self, slide: str | None = None) -> dict[tuple[str, str], SlideMaps]:
         """Measured maps by ``(slide, label)`` (label: model · strategy, or output layer)."""
         return {k: v for k, v in self._results.items() if slide is None or k[0] == slide}
@@ -453,6 +482,7 @@ class HeatmapsWidget(Container):
             self._fail(f"Heatmaps: {describe(exc, slide)}")
             return None
         label = self._output_label(pipeline)
+        calibration = self._calibration((slide, label), pipeline, output is None)
         self._cancel.clear()
         cancel = self._cancel.is_set
 
@@ -464,8 +494,9 @@ class HeatmapsWidget(Container):
                 if output is None:
                     pipeline.stain_model()  # a bad checkpoint fails here, before any work
                 yield from measure_slide(
-                    pipeline, level, cell, region=region, output=output, cancel=cancel
-                )
+                    pipeline, level, cell, region=region, output=output,
+                    calibration=calibration, cancel=cancel,
+                )  # fmt: skip
             except Exception as exc:
                 yield exc
 
@@ -480,6 +511,17 @@ class HeatmapsWidget(Container):
         self._say(f"Measuring the {what} of {slide} at level {level} ({len(boxes)} chunks)…")
         worker.start()
         return worker
+
+    def _calibration(self, key: tuple[str, str], pipeline: StainPipeline, gan: bool) -> Any:
+        """The flag calibration of the output's model (None, with a note, if it has none)."""
+        try:
+            calibration = output_calibration(pipeline, gan)
+        except Exception as exc:  # no calibration in the checkpoint, or an unreadable one
+            name = Path(str(pipeline.settings.model)).name if gan else "the default model"
+            self._flag_notes[key] = f"No flags for {name}: {describe(exc)}"
+            return None
+        self._flag_notes.pop(key, None)
+        return calibration
 
     def _on_chunk(self, key: tuple[str, str], cell: int, item: Any) -> None:
         if isinstance(item, BaseException):
@@ -508,6 +550,11 @@ class HeatmapsWidget(Container):
         self.cancel_button.enabled = False
         if self._cancel.is_set() and not self.status.value.startswith("Measurement cancelled"):
             self._say("Measurement cancelled; the cells done so far are shown.")
+
+    @property
+    def running(self) -> bool:
+        """Whether a visible-region or whole-slide measurement is running."""
+        return self._worker is not None
 
     def cancel(self, *_: Any) -> None:
         """Stop the running measurement at the next chunk (or GAN block)."""
@@ -579,8 +626,8 @@ class HeatmapsWidget(Container):
                 },
             )
             created = created or layer
-        for kind, (title, symbol, colour) in NUCLEI_POINTS.items():
-            pts = maps.points[kind]
+        for kind, (key, title, symbol, colour) in NUCLEI_POINTS.items():
+            pts = maps.points[key]
             layer = self._find(slide, label, kind)
             if layer is not None:
                 layer.data = pts
@@ -599,6 +646,7 @@ class HeatmapsWidget(Container):
                     META_KEY: {"role": "nuclei", "slide": slide, "label": label, "kind": kind}
                 },
             )
+        self._update_outlines(slide, label, maps, px)
         if created is not None:
             # napari's status bar shows "layer name: value" under the cursor for every
             # selected layer: select the three cell grids so hovering a cell reads all its
@@ -608,24 +656,48 @@ class HeatmapsWidget(Container):
             selection.clear()
             selection.update([g for g in grids if g is not None])
 
+    def _update_outlines(self, slide: str, label: str, maps: SlideMaps, px: float) -> None:
+        """The flagged cells' outlines: one Shapes layer of rectangles per slide and output."""
+        rects = outline_rectangles(maps)
+        width = max(2.0, maps.cell / 48)  # level-0 pixels: visible from a whole-slide view
+        layer = self._find(slide, label, "flagged")
+        if layer is None:
+            layer = self._viewer.add_shapes(
+                None,
+                ndim=2,
+                name=f"{slide} · flagged cells ({label})",
+                scale=(px, px),
+                units=("um", "um"),
+                opacity=1.0,
+                blending="translucent_no_depth",
+                metadata={
+                    META_KEY: {"role": "flags", "slide": slide, "label": label, "kind": "flagged"}
+                },
+            )
+        if layer.nshapes:
+            layer.data = []
+        if rects:
+            layer.add_rectangles(
+                rects, edge_width=width, edge_color=OUTLINE_COLOUR, face_color="transparent"
+            )
+
     def _refresh_legend(self, *_: Any) -> None:
         slide = self.slide.value
-        found = [v for k, v in self._results.items() if k[0] == slide]
+        found = [(k, v) for k, v in self._results.items() if k[0] == slide]
         if not found:
             for row in self.legend.values():
-                row.show_values(np.empty(0), None)
+                row.show_values(np.empty(0))
+            self.review.show(slide or "", None)
             return
-        maps = found[-1]
-        thresholds = self.thresholds()
+        key, maps = found[-1]
         for metric, row in self.legend.items():
-            flagged = None
-            if metric in thresholds:
-                flagged = int(flag_cells(maps.maps, {metric: thresholds[metric]}).sum())
-            row.show_values(maps.maps[metric], flagged)
+            row.show_values(maps.maps[metric])
+        r_layer = slide_layers(self._viewer, "R").get(slide)
+        self.review.show(slide, maps, r_layer, self._flag_notes.get(key, ""))
 
     def flagged(self, slide: str, label: str) -> np.ndarray:
-        """Cells beyond the widget's thresholds (any metric) for a measured slide/label."""
-        return flag_cells(self._results[(slide, label)].maps, self.thresholds())
+        """Cells the calibrated flags flagged for a measured slide/label (bool map)."""
+        return self._results[(slide, label)].flagged
 
     def open_report(self, *_: Any) -> Any:
         """Dock the report widget (summary, distribution plot, Save PNG / CSV)."""
@@ -722,6 +794,7 @@ class HeatmapsWidget(Container):
         label = f"{Path(live.pipeline.settings.model).stem} · {live.pipeline.settings.strategy}"
         renderer, pipeline = live.renderer, live.pipeline
         queue, queued = self._queue, self._queued
+        calibration = self._calibration((slide, label), pipeline, True)
 
         def read(level: int, box: tuple[int, int, int, int]) -> np.ndarray:
             return renderer.read(level, box)  # display pixels: done tiles, cross-faded
@@ -734,8 +807,9 @@ class HeatmapsWidget(Container):
                 level, box = key
                 try:  # one bad tile must not stop the others, nor print a traceback each
                     yield measure_box(
-                        pipeline, level, box, cell, output=read, context=CONTEXT_PX, workers=1
-                    )
+                        pipeline, level, box, cell, output=read, context=CONTEXT_PX,
+                        calibration=calibration, workers=1,
+                    )  # fmt: skip
                 except Exception as exc:
                     yield exc
 

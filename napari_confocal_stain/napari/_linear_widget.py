@@ -19,7 +19,11 @@ from napari_confocal_stain.core.linear_stain import (
 from napari_confocal_stain.engine.linear_view import LinearStainView
 from napari_confocal_stain.napari._errors import describe
 from napari_confocal_stain.napari._layers import META_KEY, layer_name
-from napari_confocal_stain.napari._viewer_state import slide_layers, slide_mosaic
+from napari_confocal_stain.napari._viewer_state import (
+    follow_opened_slides,
+    slide_layers,
+    slide_mosaic,
+)
 from napari_confocal_stain.napari._widget_parts import wrap_label
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +69,7 @@ class LinearStainWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer = viewer
         self.slide = ComboBox(label="Slide", choices=self._slide_choices, nullable=False)
+        follow_opened_slides(self._viewer, self.slide)
         self.method = ComboBox(
             label="Method",
             choices=[(lbl, key) for key, lbl in METHOD_LABELS.items()],

@@ -27,6 +27,37 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ConfocalStainWidget"]
 
 
+def _tab_scroll(content: Any) -> Any:
+    """``content`` in a vertical-only scroll area never narrower than the content.
+
+    With no horizontal scroll bar, a viewport narrower than the content's minimum width
+    would clip its right edge; the area's minimum width follows the content's (plus the
+    scroll bar) as it changes, so the dock widens instead.
+    """
+    from qtpy.QtCore import QEvent, QSize, Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    class TabScroll(QScrollArea):
+        def minimumSizeHint(self) -> QSize:
+            hint = super().minimumSizeHint()
+            inner = self.widget().minimumSizeHint().width()
+            inner = max(inner, self.widget().minimumWidth())
+            bar = self.verticalScrollBar().sizeHint().width()
+            return QSize(max(hint.width(), inner + bar), hint.height())
+
+        def eventFilter(self, obj: Any, event: Any) -> bool:
+            if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+                self.updateGeometry()  # the content's minimum width may have changed
+            return super().eventFilter(obj, event)
+
+    scroll = TabScroll()
+    scroll.setWidget(content)
+    scroll.setWidgetResizable(True)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    return scroll
+
+
 class ConfocalStainWidget(Container):
     """The plugin's main panel: open a slide (or the sample) and stain it.
 
@@ -87,12 +118,17 @@ class ConfocalStainWidget(Container):
         self._on_layers_changed()
 
     def _add_tabs(self, tabs: list[tuple[str, Container]]) -> None:
-        """The tools as tabs under the slide section (one screen, no long scroll)."""
+        """The tools as tabs under the slide section, each scrolling vertically on its own.
+
+        A tab taller than the screen (the heatmaps with their legend) scrolls instead of
+        stretching the dock past the window, which would squeeze and clip its wrapped
+        status lines.
+        """
         from qtpy.QtWidgets import QTabWidget
 
         self.tabs = QTabWidget()
         for title, widget in tabs:
-            self.tabs.addTab(widget.native, title)
+            self.tabs.addTab(_tab_scroll(widget.native), title)
         self.native.layout().addWidget(self.tabs)
 
     def _on_layers_changed(self, *_: Any) -> None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MetricsBus",
     "chosen_slide",
+    "follow_opened_slides",
     "heatmap_layers",
     "layer_meta",
     "metrics_bus",
@@ -68,6 +69,24 @@ def chosen_slide(combo: ComboBox, viewer: napari.viewer.Viewer) -> str | None:
         combo.value = slides[0]
         return slides[0]
     return None
+
+
+def follow_opened_slides(viewer: napari.viewer.Viewer, combo: ComboBox) -> None:
+    """Point a *Slide* combo at every slide as it is opened (its R layer is added).
+
+    However the slide arrives (File ▸ Open, the sample, the panel's *Open slide*, a
+    drop), every tab then shows the slide just opened instead of an empty choice.
+    """
+
+    def on_inserted(event: Any) -> None:
+        meta = layer_meta(getattr(event, "value", None))
+        if meta.get("role") != "R" or not meta.get("slide"):
+            return
+        combo.reset_choices()
+        if meta["slide"] in combo.choices:
+            combo.value = meta["slide"]
+
+    viewer.layers.events.inserted.connect(on_inserted)
 
 
 def overlay_kwargs(ref: Any, name: str, colormap: str | None = None) -> dict:
