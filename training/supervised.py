@@ -96,6 +96,9 @@ DEFAULTS: dict[str, Any] = {
     "val_every": 500,
     "checkpoint_every": 100,
     "stop_at": None,
+    # The model card's known limits (one sentence each), written into the checkpoint's
+    # metadata (extra.known_limits) so the viewer can show them when the model loads.
+    "known_limits": [],
 }
 
 LOG_FIELDS = ("iteration", "lr", "loss", "l1", "ssim", "hema", "seconds")
@@ -369,6 +372,7 @@ def _export(
         architecture=config["model"]["name"],
         normalization=dict(DSCM_INPUT),
         training=portable_record(training),
+        extra={"known_limits": [str(x) for x in config.get("known_limits") or []]},
     )
 
 
