@@ -110,12 +110,13 @@ def test_augmentations_are_seeded_and_bounded() -> None:
     from training.augment import AUGMENT_DEFAULTS, degrade_pair, hed_jitter, zoom_crop
 
     rgb = np.clip(_smooth_dscm(64, 64) * [1.0, 0.6, 0.9], 0, 1).astype(np.float32)
-    a = hed_jitter(rgb, np.random.default_rng(1))
-    b = hed_jitter(rgb, np.random.default_rng(1))
+    a, alpha = hed_jitter(rgb, np.random.default_rng(1))
+    b, _ = hed_jitter(rgb, np.random.default_rng(1))
     np.testing.assert_array_equal(a, b)
     assert a.shape == rgb.shape and 0 <= a.min() and a.max() <= 1
+    assert alpha.shape == (3,) and np.all((alpha > 0.54) & (alpha < 1.83))
     assert np.abs(a - rgb).mean() > 1e-3  # it does change the colours
-    np.testing.assert_allclose(hed_jitter(rgb, np.random.default_rng(1), 0.0, 0.0), rgb)
+    np.testing.assert_allclose(hed_jitter(rgb, np.random.default_rng(1), 0.0, 0.0)[0], rgb)
     assert zoom_crop(rgb, 0, 0, 32, 2.0).shape == (32, 32, 3)  # 16² window magnified
     assert zoom_crop(rgb[..., 0], 0, 0, 32, 1.0).shape == (32, 32)
     r, f = degrade_pair(rgb[..., 0], rgb[..., 1], np.random.default_rng(2), AUGMENT_DEFAULTS)

@@ -5,10 +5,14 @@ scale. The pairs :mod:`training.supervised` trains on are made from real H&E (th
 its pseudo-confocal R/F (the input, :func:`training.data.pseudo_confocal`), so each source of
 variation can be applied where it arises:
 
-* **Stain colour** (:func:`hed_jitter`): the H&E is perturbed in HED optical-density space
-  (Tellez et al., 2018: each density scaled by ``1 ± σ`` and shifted by ``± b``) *before* the
-  pseudo-confocal pair is made, so input and answer change together, like a paler or a more
-  purple slide.
+* **Stain colour and strength** (:func:`hed_jitter`): the H&E is perturbed in HED
+  optical-density space (Tellez et al., 2018: each density scaled and shifted) *before* the
+  pseudo-confocal pair is made. The pair is then normalised by the slide's densities times
+  the same scale factors, as a real slide's pair is normalised by its own percentiles: the
+  input hardly changes while the answer becomes a paler or a darker slide. Stain strength
+  varies about 3× between labs (hematoxylin 99.5th percentiles 0.05–0.16 on our images) and
+  cannot be read from a normalised confocal pair, so the model must learn what is common to
+  all of them instead of one lab's contrast.
 * **Magnification** (:func:`zoom_crop`): a crop is read from a window ``1/zoom`` its size and
   resampled, so the model sees tissue between ``0.75/zoom_max`` and ``0.75/zoom_min`` µm per
   pixel (default 0.25–1 µm/px).
@@ -34,7 +38,8 @@ from training.noise import add_speckle
 __all__ = ["AUGMENT_DEFAULTS", "degrade_pair", "hed_jitter", "zoom_crop", "zoom_factor"]
 
 AUGMENT_DEFAULTS: dict[str, Any] = {
-    "hed_sigma": 0.15,
+    "hed_log_scale": 0.6,
+    "hed_renormalise": True,
     "hed_bias": 0.03,
     "zoom_range": [0.75, 3.0],
     "zoom_probability": 0.5,
@@ -48,9 +53,9 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
 
 
 def hed_jitter(
-    rgb: np.ndarray, rng: np.random.Generator, sigma: float = 0.15, bias: float = 0.03
-) -> np.ndarray:
-    """H&E with each HED optical density scaled by ``U(1−σ, 1+σ)`` and shifted by ``U(−b, b)``.
+    rgb: np.ndarray, rng: np.random.Generator, log_scale: float = 0.6, bias: float = 0.03
+) -> tuple[np.ndarray, np.ndarray]:
+    """H&E with each HED optical density scaled by ``exp(U(−s, s))`` and shifted by ``U(−b, b)``.
 
     Parameters
     ----------
@@ -58,22 +63,22 @@ def hed_jitter(
         ``(H, W, 3)`` H&E in [0, 1].
     rng
         Random generator.
-    sigma, bias
-        Scale and shift half-ranges (Tellez et al. 2018 use 0.05 … 0.2 and 0.05).
+    log_scale, bias
+        Half-range of the log scale factors (0.6: × 0.55 … 1.8) and of the shifts (where the
+        density is above 0.02: a shift on glass would tint the background).
 
     Returns
     -------
-    numpy.ndarray
-        ``(H, W, 3)`` float32 in [0, 1].
+    (rgb, alpha)
+        ``(H, W, 3)`` float32 in [0, 1], and the three scale factors (H, E, D).
     """
-    if sigma <= 0 and bias <= 0:
-        return np.asarray(rgb, np.float32)
+    if log_scale <= 0 and bias <= 0:
+        return np.asarray(rgb, np.float32), np.ones(3)
     hed = rgb2hed(np.asarray(rgb, np.float64))
-    alpha = rng.uniform(1.0 - sigma, 1.0 + sigma, 3)
+    alpha = np.exp(rng.uniform(-log_scale, log_scale, 3))
     beta = rng.uniform(-bias, bias, 3)
-    # A shift on glass would tint the background: shift in proportion to the density present.
     hed = hed * alpha + beta * (hed > 0.02)
-    return np.clip(hed2rgb(hed), 0.0, 1.0).astype(np.float32)
+    return np.clip(hed2rgb(hed), 0.0, 1.0).astype(np.float32), alpha
 
 
 def zoom_factor(rng: np.random.Generator, zoom_range: Any, probability: float) -> float:

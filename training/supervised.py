@@ -11,11 +11,15 @@ image equally likely, the CC0 slide's four training bands counted as one image),
 tissue crop, flips and 90° turns, an HED stain jitter of the crop (the answer), its
 pseudo-confocal pair with a jittered normalisation, blur, noise and speckle (the input).
 
-``loss = λ_l1 · L1(G(x), y) + λ_ssim · (1 − SSIM(lum G(x), lum y)) + λ_hema · hematoxylin_loss``
+``loss = λ_l1 · L1(G(x), y) + λ_ssim · (1 − SSIM(lum G(x), lum y)) + λ_grad · L1(∇ lum G(x),
+∇ lum y) + λ_hema · hematoxylin_loss``
 
 SSIM on luminance (Gaussian σ = 1.5, the evaluation's definition) is what a pathologist's eye
-and our held-out tables weigh; L1 keeps the colours; the optional hematoxylin term
-(:func:`training.structure.hematoxylin_loss`) ties nuclei to F. Adam, constant learning rate
+and our held-out tables weigh; L1 keeps the colours; the gradient term (finite differences of
+luminance) keeps fine texture that a pixel loss averages away (a regression to the mean is
+smooth, which LBP χ² sees); the optional hematoxylin term
+(:func:`training.structure.hematoxylin_loss`) ties nuclei to F. ``init`` starts from a
+checkpoint's weights (fine-tuning). Adam, constant learning rate
 then linear decay to 0.
 
 Held-out scoring (``val.csv``) is per tissue: the held-out bands of the CC0 slide and every
@@ -38,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from napari_confocal_stain.models import build_model, save_checkpoint
+from napari_confocal_stain.models import build_model, read_model, save_checkpoint
 from napari_confocal_stain.models.registry import DSCM_INPUT
 from training.augment import AUGMENT_DEFAULTS, degrade_pair, hed_jitter, zoom_crop, zoom_factor
 from training.config import portable_record
@@ -68,7 +72,14 @@ from training.validation import (
     validate,
 )
 
-__all__ = ["DEFAULTS", "luminance_ssim", "run_supervised", "sample_pairs", "validation_sets"]
+__all__ = [
+    "DEFAULTS",
+    "luminance_gradient_l1",
+    "luminance_ssim",
+    "run_supervised",
+    "sample_pairs",
+    "validation_sets",
+]
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -76,7 +87,14 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "out": "runs/supervised",
     "model": {"name": "fast", "kwargs": {}},
-    "loss": {"lambda_l1": 1.0, "lambda_ssim": 1.0, "lambda_hema": 0.0, "hema_window": 15},
+    "init": None,
+    "loss": {
+        "lambda_l1": 1.0,
+        "lambda_ssim": 1.0,
+        "lambda_grad": 0.0,
+        "lambda_hema": 0.0,
+        "hema_window": 15,
+    },
     "optim": {"lr": 2e-3, "betas": [0.9, 0.999]},
     "schedule": {"iterations": 3000, "decay_start": 1500, "crop": 192, "batch_size": 8},
     "augment": dict(AUGMENT_DEFAULTS),
@@ -101,7 +119,7 @@ DEFAULTS: dict[str, Any] = {
     "known_limits": [],
 }
 
-LOG_FIELDS = ("iteration", "lr", "loss", "l1", "ssim", "hema", "seconds")
+LOG_FIELDS = ("iteration", "lr", "loss", "l1", "ssim", "grad", "hema", "seconds")
 VAL_FIELDS = ("iteration", "model", "eval_set", *STAIN_METRICS)
 HELDOUT_BANDS = "heldout bands"
 """Name of the validation set made of the CC0 slide's held-out bands."""
@@ -152,6 +170,15 @@ def luminance_ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = _SSIM_SIGMA)
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.mean()
+
+
+def luminance_gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean |∂x| and |∂y| difference of the luminance of two RGB batches in [0, 1]."""
+    w = torch.tensor(_LUMA, dtype=a.dtype, device=a.device).view(1, 3, 1, 1)
+    x, y = (t.mul(w).sum(1, keepdim=True) for t in (a, b))
+    dx = (x[..., :, 1:] - x[..., :, :-1]) - (y[..., :, 1:] - y[..., :, :-1])
+    dy = (x[..., 1:, :] - x[..., :-1, :]) - (y[..., 1:, :] - y[..., :-1, :])
+    return 0.5 * (dx.abs().mean() + dy.abs().mean())
 
 
 # ------------------------------------------------------------------------------ data
@@ -236,8 +263,12 @@ def sample_pairs(
         origins = region.origins(win, min_tissue)
         y, x = (int(v) for v in origins[int(rng.integers(len(origins)))])
         rgb = zoom_crop(region.rgb, y, x, size, size / win)
-        rgb = hed_jitter(rgb, rng, float(aug["hed_sigma"]), float(aug["hed_bias"]))
-        r, f = pseudo_confocal(rgb, region.hed_scale * rng.uniform(*aug["gain_range"], 2))
+        rgb, alpha = hed_jitter(rgb, rng, float(aug["hed_log_scale"]), float(aug["hed_bias"]))
+        # Normalised as a slide of that stain strength would be (see training.augment), or
+        # by the unjittered slide's densities (the input then shows the jitter).
+        norm = alpha[:2] if aug["hed_renormalise"] else 1.0
+        scale = region.hed_scale * norm * rng.uniform(*aug["gain_range"], 2)
+        r, f = pseudo_confocal(rgb, scale)
         r, f = degrade_pair(r, f, rng, aug)
         a, b, c = flip([dscm_tensor(r, f).transpose(1, 2, 0), f, rgb * 2.0 - 1.0], rng)
         dscm.append(a.transpose(2, 0, 1))
@@ -268,7 +299,16 @@ class _Trainee:
 def _build(config: Mapping[str, Any], device: torch.device) -> _Trainee:
     """A fresh generator whose size multiple divides the crop, and Adam."""
     spec = config["model"]
-    model = build_model(spec["name"], **spec.get("kwargs", {})).to(device)
+    model = build_model(spec["name"], **spec.get("kwargs", {}))
+    if config.get("init"):
+        start = read_model(config["init"])
+        if type(start) is not type(model) or start.config != model.config:
+            raise ValueError(
+                f"init {config['init']}: a {type(start).__name__}{start.config}, not the "
+                f"configured {type(model).__name__}{model.config}"
+            )
+        model.load_state_dict(start.state_dict())
+    model = model.to(device)
     mult = int(getattr(model, "size_multiple", 1))
     crop = int(config["schedule"]["crop"])
     if crop % mult:
@@ -286,6 +326,10 @@ def _step(t: _Trainee, batch: Mapping[str, torch.Tensor], lam: Mapping[str, Any]
     l1 = F.l1_loss(out, y)
     ssim = luminance_ssim((out + 1) / 2, (y + 1) / 2)
     loss = float(lam.get("lambda_l1", 1.0)) * l1 + float(lam.get("lambda_ssim", 1.0)) * (1 - ssim)
+    grad = torch.zeros(())
+    if float(lam.get("lambda_grad", 0.0)) > 0:
+        grad = luminance_gradient_l1((out + 1) / 2, (y + 1) / 2)
+        loss = loss + float(lam["lambda_grad"]) * grad
     hema = torch.zeros(())
     if float(lam.get("lambda_hema", 0.0)) > 0:
         f = batch["f"].to(t.device)
@@ -294,7 +338,13 @@ def _step(t: _Trainee, batch: Mapping[str, torch.Tensor], lam: Mapping[str, Any]
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     t.opt.step()
-    return {"loss": loss.item(), "l1": l1.item(), "ssim": ssim.item(), "hema": hema.item()}
+    return {
+        "loss": loss.item(),
+        "l1": l1.item(),
+        "ssim": ssim.item(),
+        "grad": grad.item(),
+        "hema": hema.item(),
+    }
 
 
 def _validate_all(
@@ -363,6 +413,7 @@ def _export(
         "augment": dict(config["augment"]),
         "seed": int(config["seed"]),
         "model": dict(config["model"]),
+        "init": config.get("init"),
         "data": {k: d.get(k) for k in _RECORDED_DATA},
         "val": [dict(row) for row in val],
     }

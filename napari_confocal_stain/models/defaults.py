@@ -7,7 +7,7 @@ preservation without losing on LBP χ² / SSIM.
 
 from __future__ import annotations
 
-DEFAULT_STAIN_MODEL = "stain-unet"
+DEFAULT_STAIN_MODEL = "stain-fast"
 """Bundled GAN stain generator (``models/weights/<name>.safetensors``)."""
 
 DEFAULT_DESPECKLE_MODEL = "despeckle-combalia"
