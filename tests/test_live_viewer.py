@@ -299,7 +299,7 @@ def test_exported_ome_zarr_opens_in_napari_as_one_rgb_layer(
 
 def test_known_limits_of_the_model_are_shown_when_it_loads(panel, qtbot, tmp_path):
     """A model card's known limits (checkpoint ``extra.known_limits``) reach the GAN tab."""
-    viewer, widget = panel
+    _viewer, widget = panel
     limited = save_checkpoint(
         tmp_path / "limited.safetensors",
         build_model("affine"),

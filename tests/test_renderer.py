@@ -236,7 +236,19 @@ def test_gan_tiles_equal_stain_region_and_blend_without_seams(pipeline):
         both = r.read(level, (128, 192, 128, 256)).astype(float)
         seam = np.abs(both[:, 192 - 128] - both[:, 191 - 128]).mean()
         inside = np.abs(np.diff(both[:, 150 - 128 : 170 - 128], axis=1)).mean()
-        assert seam <= 2.0 * inside + 2.0  # the border is no sharper than the tissue
+        # The same column of one pass over both tiles: the tissue's own edge strength there
+        # (a textured stain can have a sharp edge exactly at the border).
+        union = to_uint8(
+            stain_region(
+                pipeline.linear(level, (112, 208, 112, 272)),
+                pipeline.stain_model(),
+                tile=tile,
+                precision="fp32",
+                origin=(-112 % tile, -112 % tile),
+            )
+        ).astype(float)
+        tissue = np.abs(union[16:80, 192 - 112] - union[16:80, 191 - 112]).mean()
+        assert seam <= 2.0 * max(inside, tissue) + 2.0  # no sharper than the tissue
     finally:
         r.close()
 
@@ -269,3 +281,40 @@ def test_worker_threads_run_at_lower_priority_and_the_caller_is_untouched():
         r.close()
     assert seen["worker"] == min(19, main_before + BACKGROUND_NICE)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+@pytest.mark.parametrize("margin", [0, 4, 16])
+def test_compose_uint8_equals_rounded_compose(margin: int) -> None:
+    """The viewer's display composite copies tile interiors: bit-identical by construction."""
+    from napari_confocal_stain.engine.blend import compose, compose_uint8
+
+    rng = np.random.default_rng(margin)
+    tile, shape = 64, (150, 170)  # ragged last row and column, slide edges on two sides
+    grid = (-(-shape[0] // tile), -(-shape[1] // tile))
+
+    def grown(ty, tx):
+        return (max(0, ty * tile - margin), min(shape[0], (ty + 1) * tile + margin),
+                max(0, tx * tile - margin), min(shape[1], (tx + 1) * tile + margin))  # fmt: skip
+
+    raws = {}
+    for ty in range(grid[0]):
+        for tx in range(grid[1]):
+            if rng.random() < 0.7 or (ty, tx) == (1, 1):  # some neighbours not done yet
+                g = grown(ty, tx)
+                raws[ty, tx] = rng.integers(0, 256, (g[1] - g[0], g[3] - g[2], 3), np.uint8)
+    for (ty, tx), raw in raws.items():
+        core = (
+            ty * tile,
+            min(shape[0], (ty + 1) * tile),
+            tx * tile,
+            min(shape[1], (tx + 1) * tile),
+        )
+        pieces = [
+            (grown(ty + dy, tx + dx), raws[ty + dy, tx + dx])
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if (ty + dy, tx + dx) in raws
+        ]
+        ref = (compose(core, pieces, shape, margin) + 0.5).astype(np.uint8)
+        got = compose_uint8(core, (grown(ty, tx), raw), pieces, shape, margin)
+        np.testing.assert_array_equal(got, ref)

@@ -21,7 +21,7 @@ import numpy as np
 
 from napari_confocal_stain.core.box import Box
 
-__all__ = ["compose", "ramp"]
+__all__ = ["compose", "compose_uint8", "ramp"]
 
 
 def ramp(start: int, stop: int, size: int, margin: int) -> np.ndarray:
@@ -101,3 +101,55 @@ def compose(
     if acc is None or not np.all(wsum > 0):
         raise ValueError(f"pieces do not cover the core box {core}")
     return acc / (wsum if acc.ndim == 2 else wsum[..., None])
+
+
+def compose_uint8(
+    core: Box,
+    own: tuple[Box, np.ndarray],
+    pieces: Iterable[tuple[Box, np.ndarray]],
+    level_shape: tuple[int, int],
+    margin: int,
+) -> np.ndarray:
+    """:func:`compose` of uint8 pieces, rounded to uint8, computed only where pieces overlap.
+
+    ``own`` is the piece grown from ``core`` itself. More than ``margin`` pixels inside
+    ``core`` no other piece reaches and ``own``'s weight is exactly 1 (its ramp ends
+    ``2·margin`` inside its grown box), so there the composite *is* ``own``: those pixels are
+    copied, and only the four border bands are cross-faded. The result equals
+    ``(compose(...) + 0.5).astype(uint8)`` bit for bit, at about a fifth of the cost for a
+    512-px tile (the viewer composes a tile and its done neighbours whenever one lands).
+
+    Parameters
+    ----------
+    core
+        ``(y0, y1, x0, x1)`` to produce.
+    own
+        ``(grown_box, image)`` of the piece grown from ``core``.
+    pieces
+        Every piece to cross-fade, ``own`` included.
+    level_shape, margin
+        As for :func:`compose`.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 ``(h, w[, C])``.
+    """
+    y0, y1, x0, x1 = core
+    pieces = list(pieces)
+    if margin <= 0 or y1 - y0 <= 2 * margin or x1 - x0 <= 2 * margin:
+        return (compose(core, pieces, level_shape, margin) + 0.5).astype(np.uint8)
+    (gy0, _, gx0, _), image = own
+    out = np.empty((y1 - y0, x1 - x0, *image.shape[2:]), dtype=np.uint8)
+    m = margin
+    out[m:-m, m:-m] = image[y0 + m - gy0 : y1 - m - gy0, x0 + m - gx0 : x1 - m - gx0]
+    bands = [
+        (y0, y0 + m, x0, x1),
+        (y1 - m, y1, x0, x1),
+        (y0 + m, y1 - m, x0, x0 + m),
+        (y0 + m, y1 - m, x1 - m, x1),
+    ]
+    for by0, by1, bx0, bx1 in bands:
+        part = compose((by0, by1, bx0, bx1), pieces, level_shape, margin)
+        out[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0] = (part + 0.5).astype(np.uint8)
+    return out

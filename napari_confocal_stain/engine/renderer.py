@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from napari_confocal_stain.core.box import Box
-from napari_confocal_stain.engine.blend import compose
+from napari_confocal_stain.engine.blend import compose_uint8
 from napari_confocal_stain.engine.cache import RawTileStore, TileCache, TileKey
 
 __all__ = ["RenderedLevel", "RendererStats", "TileRenderer"]
@@ -450,13 +450,14 @@ class TileRenderer:
         hit = self.cache.get(dkey)
         if hit is not None:
             return hit
-        img = compose(
+        # Raws are uint8: the weighted mean stays in range.
+        out = compose_uint8(
             (y0, y1, x0, x1),
+            (self.grown_box(level, ty, tx), raw),
             [(self.grown_box(*k), r) for k, r in pieces],
             self.level_shapes[level],
             self.margin,
         )
-        out = (img + 0.5).astype(np.uint8)  # raws are uint8: the mean stays in range
         self.cache.put(dkey, out)
         return out
 

@@ -43,6 +43,13 @@ CPU_BF16_TOLERANCE = {"mean_abs": 0.01, "max_abs": 0.06}
 CPU_BF16_MIN_SPEEDUP = 1.10
 """…and be at least this much faster."""
 
+CPU_CALIBRATION_MIN_SECONDS = 0.02
+"""A timed fp32 run shorter than this is mostly call overhead, not arithmetic: the calibration
+image grows (to at most :data:`CPU_CALIBRATION_MAX_SIZE`) until fp32 takes this long."""
+
+CPU_CALIBRATION_MAX_SIZE = 512
+"""Largest side of the calibration image."""
+
 
 def autocast(device: torch.device, precision: str):
     """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
@@ -59,38 +66,48 @@ def cpu_precision(model: nn.Module, *, size: int = 96, repeats: int = 2) -> dict
     """Decide once per model whether bf16 autocast beats fp32 on this CPU (cached).
 
     Runs the engine's copy of the model (channels-last, as :func:`stain_region` does) on a fixed
-    smooth test image of ``size²`` (rounded to the model's multiple) in fp32 and under bf16
-    autocast, ``repeats`` times each after a warm-up, and picks bf16 only if it is
-    :data:`CPU_BF16_MIN_SPEEDUP` × faster and within :data:`CPU_BF16_TOLERANCE`. A bf16 warm-up
-    over 3× slower than fp32 (bf16 emulated on a CPU without bf16 units: 20× slower here)
-    ends the timing early. About 2 s once per model for a base-64 U-Net on this machine.
+    smooth test image of ``size²`` (rounded to the model's multiple; doubled, up to
+    :data:`CPU_CALIBRATION_MAX_SIZE`, while an fp32 pass takes under
+    :data:`CPU_CALIBRATION_MIN_SECONDS`) in fp32 and under bf16 autocast, ``repeats`` times
+    each after a warm-up, and picks bf16 only if it is :data:`CPU_BF16_MIN_SPEEDUP` × faster
+    and within :data:`CPU_BF16_TOLERANCE`. A bf16 warm-up over 3× slower than fp32 (bf16
+    emulated on a CPU without bf16 units: 20× slower) ends the timing early. Under a second
+    once per model for the bundled models on a 2-core CPU.
 
     Parameters
     ----------
     model
         The generator (on the CPU).
     size
-        Side of the calibration image.
+        Starting side of the calibration image.
     repeats
         Timed runs per precision (the median is used).
 
     Returns
     -------
     dict
-        ``precision`` ("fp32" or "bf16"), ``fp32_s``, ``bf16_s``, ``mean_abs``, ``max_abs``.
+        ``precision`` ("fp32" or "bf16"), ``size`` (the side used), ``fp32_s``, ``bf16_s``,
+        ``mean_abs``, ``max_abs``.
     """
     key = parameters_version(model)
     hit = _CALIBRATION.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    side = max(round_up(size, size_multiple(model)), min_size(model))
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    chans = in_channels(model)
-    img = np.stack([np.sin(6 * yy + c) * np.cos(5 * xx - c) for c in range(chans)])
-    x = torch.as_tensor(img[None], dtype=torch.float32).to(model_device(model))
     net = make_seamless(model)  # what the engine runs: its copy, channels-last
-    if chans > 1:
-        x = x.contiguous(memory_format=torch.channels_last)
+    side = max(round_up(size, size_multiple(model)), min_size(model))
+    x = _calibration_image(model, side)
+    # A cheap model on a small image times call overhead, not arithmetic (a 12 kFLOP/px
+    # model: 3 ms in either precision at 96², 2× apart at 512²): grow the image until it
+    # does not.
+    while side < CPU_CALIBRATION_MAX_SIZE:
+        with torch.inference_mode():
+            net(x)
+            t0 = time.perf_counter()
+            net(x)
+            if time.perf_counter() - t0 >= CPU_CALIBRATION_MIN_SECONDS:
+                break
+        side = min(CPU_CALIBRATION_MAX_SIZE, round_up(2 * side, size_multiple(model)))
+        x = _calibration_image(model, side)
     outs: dict[str, torch.Tensor] = {}
     times: dict[str, float] = {}
     with torch.inference_mode():
@@ -111,6 +128,7 @@ def cpu_precision(model: nn.Module, *, size: int = 96, repeats: int = 2) -> dict
             times[prec] = float(np.median(runs))
     diff = (outs["fp32"] - outs["bf16"]).abs() / 2.0  # [-1, 1] → [0, 1] scale
     result = {
+        "size": side,
         "fp32_s": times["fp32"],
         "bf16_s": times["bf16"],
         "mean_abs": float(diff.mean()),
@@ -124,6 +142,15 @@ def cpu_precision(model: nn.Module, *, size: int = 96, repeats: int = 2) -> dict
     result["precision"] = "bf16" if ok else "fp32"
     _CALIBRATION[model] = (key, result)
     return result
+
+
+def _calibration_image(model: nn.Module, side: int) -> torch.Tensor:
+    """A fixed smooth ``(1, C, side, side)`` test image on the model's device (channels-last)."""
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    chans = in_channels(model)
+    img = np.stack([np.sin(6 * yy + c) * np.cos(5 * xx - c) for c in range(chans)])
+    x = torch.as_tensor(img[None], dtype=torch.float32).to(model_device(model))
+    return x.contiguous(memory_format=torch.channels_last) if chans > 1 else x
 
 
 def resolve_precision(precision: str, device: torch.device, model: nn.Module | None = None) -> str:

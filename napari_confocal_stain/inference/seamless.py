@@ -313,6 +313,9 @@ def _seamless_blocks(
             on_block(0)
     assert result is not None
     out = ((result[0] + 1.0) / 2.0).clamp_(0.0, 1.0).permute(1, 2, 0).numpy()
-    if run.skip_background and todo:
+    if run.skip_background and todo and net.dense_norms:
+        # Only normalising models amplify a tissue-free cell's faint noise into texture; a
+        # norm-free model's computed glass is already what it draws there, and filling it
+        # with the constant would put a step at every cell edge between glass and tissue.
         fill_background_cells(padded, out, model, execu, tile, origin)
     return out, sum(b.pixels for b in todo), len(skipped)

@@ -7,8 +7,9 @@ The thin glue between napari and :mod:`napari_confocal_stain.engine.renderer`:
   and are expanded to chunk boundaries, so they overstate what is on screen).
 * :class:`LiveLayer` debounces those changes (``DEBOUNCE_MS``), tells the renderer what is
   wanted, moves the renderer's "tile done" callbacks to the main thread, refreshes the layer
-  at most every ``REFRESH_MS`` while tiles land, and drives a napari progress bar and a status
-  callback. Errors become one notification.
+  at most every ``REFRESH_MS`` while tiles land — and at once when the last visible tile
+  lands — and drives a napari progress bar and a status callback. Errors become one
+  notification.
 """
 
 from __future__ import annotations
@@ -41,8 +42,15 @@ __all__ = ["LiveImage", "LiveLayer", "live_layers", "shared_cache", "tile_cache_
 DEBOUNCE_MS = 80
 """Quiet time after the last camera change before the renderer is told (ms)."""
 
-REFRESH_MS = 250
-"""Longest interval between layer refreshes while tiles land (ms)."""
+REFRESH_MS = 1000
+"""Shortest interval between layer refreshes while visible tiles are still computing (ms).
+
+The first tile is shown at once and so is the tile that completes the view (see
+``_tile_from_worker``); in between, every refresh re-slices and redraws the whole canvas,
+and with software OpenGL (no GPU driver) that draw takes both cores away from the tile
+worker for tens of milliseconds. Measured on a 1920×1080 view of 12 ``stain-fast`` tiles
+(bench/viewport.py, BENCHMARKS.md): whole view on screen after a median 1.13 s refreshing at
+most every 500 ms, 0.92 s at most every 1000 ms (1.5 s at 250 ms)."""
 
 GAN_MARGIN = 16
 """Context (pixels each side) of a GAN tile, cross-faded with its neighbours over twice that."""
@@ -344,6 +352,9 @@ class LiveLayer:
             return []
         level, box = self.layer.live_view
         todo = self.renderer.request(level, box)
+        if todo:
+            # A new view: its first tile is shown as soon as it lands, not a throttle later.
+            self._last_refresh = 0.0
         self._refresh_status()
         return todo
 
@@ -356,7 +367,12 @@ class LiveLayer:
         self.tile_done.emit(level, ty, tx)
         if level == len(self.renderer.level_shapes) - 1:
             self._coarsest_changed = True
-        if not self._refresh_timer.isActive():
+        done, needed = self.renderer.progress()
+        if needed and done == needed:
+            # The view is complete: show it now, whatever the throttle says.
+            self._refresh_timer.stop()
+            self._refresh()
+        elif not self._refresh_timer.isActive():
             # Throttle: at most one refresh per REFRESH_MS, the first one without delay.
             wait = max(0.0, REFRESH_MS / 1000 - (time.perf_counter() - self._last_refresh))
             self._refresh_timer.start(int(wait * 1000))
