@@ -506,8 +506,10 @@ def test_output_piped_into_a_closed_pipe_is_quiet(synthetic_slide):
 def test_ctrl_c_exits_130_and_resume_finishes(synthetic_slide, tmp_path):
     out = tmp_path / "x.ome.zarr"
     work = tmp_path / ".x.ome.zarr.partial"
-    gan = ["--method", "gan", "--stats-tile", "64", "--precision", "fp32", "--tile", "128",
-           "--context", "32", "--region", "128:512,256:768", "--quiet"]  # fmt: skip
+    # The U-Net, not the fast default: the run must still be going when Ctrl-C arrives.
+    gan = ["--method", "gan", "--model", "stain-unet", "--stats-tile", "64", "--precision",
+           "fp32", "--tile", "128", "--context", "32", "--region", "128:512,256:768",
+           "--quiet"]  # fmt: skip
     proc = subprocess.Popen(
         [*cli_exe(), "stain", str(synthetic_slide), "--out", str(out), *gan],
         stderr=subprocess.PIPE,

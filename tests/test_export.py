@@ -40,6 +40,21 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def assert_same_stain(got: np.ndarray, ref: np.ndarray) -> None:
+    """The same uint8 stain from another process, up to float rounding.
+
+    A fresh process (or a cluster worker) may run the model with another thread count, and
+    oneDNN splits a convolution's reductions by thread, so fp32 results differ by a few ulps;
+    a value that close to a .5 boundary rounds to the neighbouring uint8 level. Allowed: ±1
+    level on at most 1 in 10⁴ values; anything structural (a missing or misplaced piece)
+    changes thousands of values by far more.
+    """
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+    assert diff.max() <= 1, f"max difference {diff.max()}"
+    assert np.count_nonzero(diff) <= max(1, diff.size // 10_000), np.count_nonzero(diff)
+
+
 def _zarr_level(path: Path, level: int = 0) -> np.ndarray:
     return np.asarray(zarr.open_group(str(path), mode="r")[str(level)])
 
@@ -260,7 +275,7 @@ def test_resume_after_kill_is_identical(synthetic_slide, gan_reference, tmp_path
               if line.startswith("piece")}  # fmt: skip
     assert len(kept) >= 3 and not redone & kept  # finished pieces are never recomputed
     assert len(redone) == 12 - len(kept)
-    np.testing.assert_array_equal(_zarr_level(out), gan_reference)
+    assert_same_stain(_zarr_level(out), gan_reference)
     assert not work.exists()
     assert not list(out.rglob("*.partial"))  # no temporaries of the killed run left inside
 
@@ -288,7 +303,7 @@ def test_local_cluster_matches_threads(mosaic, gan_reference, tmp_path):
     pytest.importorskip("distributed")
     out = tmp_path / "cluster.ome.zarr"
     export_slide(mosaic, out, **GAN_KW, scheduler="local", workers=2)
-    np.testing.assert_array_equal(_zarr_level(out), gan_reference)
+    assert_same_stain(_zarr_level(out), gan_reference)
 
 
 # ------------------------------------------------------------------------------ CLI, writer
