@@ -49,7 +49,10 @@ EVAL_HE = [
     {"path": "${NCS_DATA}/he/extra/openslide_os1_detail.png", "pixel_size_um": 0.227},
     {"path": "${NCS_DATA}/he/extra/rahman_OSCC_400x_13.jpg", "pixel_size_um": 0.25},
 ]
-EVAL_SYNTHETIC = [{"seed": 7, "size": [4096, 4096], "region": [1024, 3072, 1024, 3072]}]
+EVAL_SYNTHETIC = [
+    {"seed": 7, "size": [4096, 4096], "region": [1024, 3072, 1024, 3072]},
+    {"seed": 7, "size": [4096, 4096], "region": [1024, 3072, 1024, 3072], "as_slide": True},
+]
 FLUORESCENCE = "${NCS_DATA}/fluorescence/img2d.tif"
 
 

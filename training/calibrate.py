@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "in_place": False,
     "card": None,
     "cells": [64, 128, 256, 512, 1024],
-    "target_false_flag_rate": 0.08,
+    "target_false_flag_rate": 0.02,
     "strategy": "seamless",
     "tile": 512,
     "data": {
@@ -69,7 +69,16 @@ DEFAULTS: dict[str, Any] = {
                 "pixel_size_um": 0.5,
             },
         ],
-        "synthetic": [{"seed": 5, "size": [4096, 4096], "region": [1024, 3072, 1024, 3072]}],
+        "synthetic": [
+            # Read as the plugin reads a slide (percentile-normalised), and as generated.
+            {
+                "seed": 5,
+                "size": [4096, 4096],
+                "region": [1024, 3072, 1024, 3072],
+                "as_slide": True,
+            },
+            {"seed": 9, "size": [4096, 4096], "region": [1024, 3072, 1024, 3072]},
+        ],
         "speckle": {"model": "gaussian", "sigma": 0.2},
     },
 }
@@ -142,15 +151,41 @@ def he_pairs(
 
 
 def synthetic_pairs(entries: Sequence[Mapping[str, Any]]) -> list[Pair]:
-    """Regions of synthetic confocal slides (``io.synthetic.synth_region``), 0.75 µm/px."""
+    """Regions of synthetic confocal slides, 0.75 µm/px.
+
+    An entry's ``as_slide: true`` writes the slide (``io.synthetic.write_synthetic_mosaic``,
+    uint8 TIFFs in a temporary folder) and reads the region as the plugin reads any slide:
+    ``open_mosaic``, then R and F normalised by the slide's own percentile statistics
+    (``engine.pipeline.read_normalized``). That is what a model stains in the viewer, and it
+    differs from the generator's raw floats (the stretch brightens R about 1.8× in the
+    sample slide's tissue), which a model's flags must be calibrated on. Without it the
+    region comes straight from ``io.synthetic.synth_region``.
+    """
+    import tempfile
+
     from napari_confocal_stain.io.synthetic import synth_region
 
     pairs = []
     for e in entries:
         size = tuple(int(v) for v in e["size"])
         y0, y1, x0, x1 = (int(v) for v in e["region"])
-        r, f = synth_region(size, y0, x0, y1 - y0, x1 - x0, seed=int(e["seed"]))
-        pairs.append(Pair(f"synthetic seed {e['seed']} [{y0}:{y1},{x0}:{x1}]", r, f))
+        name = f"synthetic seed {e['seed']} [{y0}:{y1},{x0}:{x1}]"
+        if e.get("as_slide"):
+            from napari_confocal_stain.engine.pipeline import read_normalized
+            from napari_confocal_stain.io.readers import open_mosaic
+            from napari_confocal_stain.io.synthetic import write_synthetic_mosaic
+
+            with tempfile.TemporaryDirectory(prefix="ncs-calibrate-") as tmp:
+                folder = write_synthetic_mosaic(
+                    Path(tmp) / "slide", size=size, seed=int(e["seed"])
+                )
+                mosaic = open_mosaic(folder)
+                box = (y0, y1, x0, x1)
+                r, f = (read_normalized(mosaic, mode, 0, box) for mode in ("r", "f"))
+            name += " as read"
+        else:
+            r, f = synth_region(size, y0, x0, y1 - y0, x1 - x0, seed=int(e["seed"]))
+        pairs.append(Pair(name, r, f))
     return pairs
 
 
