@@ -70,13 +70,9 @@ DEFAULTS: dict[str, Any] = {
             },
         ],
         "synthetic": [
-            # Read as the plugin reads a slide (percentile-normalised), and as generated.
-            {
-                "seed": 5,
-                "size": [4096, 4096],
-                "region": [1024, 3072, 1024, 3072],
-                "as_slide": True,
-            },
+            # Read as the plugin reads a slide (percentile-normalised) — the whole slide, so
+            # large cells have samples — and a region as generated.
+            {"seed": 5, "size": [4096, 4096], "region": [0, 4096, 0, 4096], "as_slide": True},
             {"seed": 9, "size": [4096, 4096], "region": [1024, 3072, 1024, 3072]},
         ],
         "speckle": {"model": "gaussian", "sigma": 0.2},
