@@ -67,6 +67,7 @@ __all__ = [
     "resize_to_pixel_size",
     "split_by_slide",
     "split_regions",
+    "stack_batch",
     "tile_grid_regions",
     "tissue_signal_he",
     "to_unit_float",
@@ -775,6 +776,14 @@ class PairedCropSampler:
         """Stack the samples ``indices`` into tensors ``(B, C, size, size)``."""
         samples = [self.sample(i, size) for i in indices]
         return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+
+
+def stack_batch(columns: Mapping[str, Sequence[np.ndarray]]) -> dict[str, torch.Tensor]:
+    """``{name: (B, …) float32 tensor}`` from per-sample arrays (one contiguous copy each)."""
+    return {
+        k: torch.from_numpy(np.ascontiguousarray(np.stack(v), dtype=np.float32))
+        for k, v in columns.items()
+    }
 
 
 class CropDataset(torch.utils.data.Dataset):

@@ -55,6 +55,7 @@ from training.data import (
     pseudo_confocal,
     regions_in,
     split_regions,
+    stack_batch,
 )
 from training.images import grid_png
 from training.loop import check_finite, linear_decay, progress_bar, set_lr, stop_iteration
@@ -186,10 +187,7 @@ def sample_batch(
         dscm.append(a.transpose(2, 0, 1))
         f.append(b[None])
         label.append(c.transpose(2, 0, 1))
-    return {
-        k: torch.from_numpy(np.ascontiguousarray(np.stack(v), dtype=np.float32))
-        for k, v in (("dscm", dscm), ("f", f), ("label", label))
-    }
+    return stack_batch({"dscm": dscm, "f": f, "label": label})
 
 
 @dataclass

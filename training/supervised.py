@@ -56,6 +56,7 @@ from training.data import (
     pseudo_confocal,
     regions_in,
     split_regions,
+    stack_batch,
 )
 from training.images import grid_png
 from training.loop import check_finite, linear_decay, progress_bar, set_lr, stop_iteration
@@ -274,10 +275,7 @@ def sample_pairs(
         dscm.append(a.transpose(2, 0, 1))
         fs.append(b[None])
         truth.append(c.transpose(2, 0, 1))
-    return {
-        k: torch.from_numpy(np.ascontiguousarray(np.stack(v), dtype=np.float32))
-        for k, v in (("dscm", dscm), ("f", fs), ("truth", truth))
-    }
+    return stack_batch({"dscm": dscm, "f": fs, "truth": truth})
 
 
 # ----------------------------------------------------------------------------- training
