@@ -45,20 +45,15 @@ from napari_confocal_stain.models.defaults import DEFAULT_STAIN_MODEL
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from light_model import pseudo_dscm  # noqa: E402  (bench/ is sys.path[0] when run)
+
 from training.config import expand_paths  # noqa: E402
-from training.data import dscm_tensor, load_he_regions, pseudo_confocal  # noqa: E402
+from training.data import load_he_regions  # noqa: E402
 from training.tissues import image_entries  # noqa: E402
 from training.validation import aggregate_stain_metrics, stain_metrics  # noqa: E402
 
 DATA = Path(os.environ.get("NCS_DATA", REPO.parent / "shared" / "data"))
 TILE = 128
-
-
-def _pseudo(region, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """DSCM in [0, 1] ``(H, W, 3)`` and F of a region (Gaussian(1, 0.2) speckle on R)."""
-    rng = np.random.default_rng([seed, 7])
-    r, f = pseudo_confocal(region.rgb, region.hed_scale, rng, speckle={"model": "gaussian"})
-    return (dscm_tensor(r, f).transpose(1, 2, 0) + 1.0) / 2.0, f
 
 
 def heldout_sets() -> dict[str, list]:
@@ -75,7 +70,7 @@ def heldout_sets() -> dict[str, list]:
 
 def viewport(regions: list, height: int, width: int) -> np.ndarray:
     """A ``height × width`` DSCM viewport tiled from the given regions' pseudo-confocal DSCM."""
-    rows = np.concatenate([_pseudo(r, 0)[0][:, :1400] for r in regions], axis=0)
+    rows = np.concatenate([pseudo_dscm(r, 0)[0][:, :1400] for r in regions], axis=0)
     reps = (-(-height // rows.shape[0]), -(-width // rows.shape[1]), 1)
     return np.ascontiguousarray(np.tile(rows, reps)[:height, :width])
 
@@ -86,7 +81,7 @@ def quality(model: torch.nn.Module | None, regions: list) -> dict:
 
     per_tile = []
     for k, region in enumerate(regions):
-        dscm, f = _pseudo(region, 100 + k)
+        dscm, f = pseudo_dscm(region, 100 + k)
         out = dscm if model is None else stain_region(dscm, model, device="cpu")
         for _, y, x in tile_grid_regions([region], TILE, 0.3):
             s = np.s_[y : y + TILE, x : x + TILE]

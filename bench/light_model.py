@@ -51,7 +51,7 @@ def _regions() -> dict:
     )
 
 
-def _pseudo(region, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def pseudo_dscm(region, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """DSCM in [0, 1] ``(H, W, 3)`` and F of a region (Gaussian(1, 0.2) speckle on R)."""
     from training.data import dscm_tensor, pseudo_confocal
 
@@ -63,7 +63,7 @@ def _pseudo(region, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def viewport(regions: dict, height: int, width: int) -> np.ndarray:
     """A ``height × width`` DSCM viewport from the slide's top-left (all bands, in order)."""
     bands = sorted((r for rs in regions.values() for r in rs), key=lambda r: r.box[0])
-    rows = np.concatenate([_pseudo(r, 0)[0] for r in bands], axis=0)
+    rows = np.concatenate([pseudo_dscm(r, 0)[0] for r in bands], axis=0)
     if rows.shape[0] < height or rows.shape[1] < width:
         reps = (-(-height // rows.shape[0]), -(-width // rows.shape[1]), 1)
         rows = np.tile(rows, reps)
@@ -77,7 +77,7 @@ def quality(model: torch.nn.Module, held: list, precision: str) -> dict:
 
     per_tile = []
     for k, region in enumerate(held):
-        dscm, f = _pseudo(region, 100 + k)
+        dscm, f = pseudo_dscm(region, 100 + k)
         out = stain_region(dscm, model, strategy="seamless", precision=precision, device="cpu")
         for _, y, x in tile_grid_regions([region], 256, 0.5):
             s = np.s_[y : y + 256, x : x + 256]

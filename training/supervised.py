@@ -194,14 +194,19 @@ def _load_images(entries: Sequence[Any], split: str) -> list[TissueRegion]:
     return regions
 
 
-def training_regions(data: Mapping[str, Any]) -> list[TissueRegion]:
-    """The training bands of the band-split slides and every ``train_images`` image."""
-    bands = regions_in(split_regions(data), data["train_splits"]) if data.get("he") else []
-    return bands + _load_images(data.get("train_images") or [], "train")
+def training_regions(
+    data: Mapping[str, Any], bands: Mapping[str, list[TissueRegion]]
+) -> list[TissueRegion]:
+    """The training bands (of ``bands``, from :func:`~training.data.split_regions`) and every
+    ``train_images`` image."""
+    trained = regions_in(bands, data["train_splits"]) if bands else []
+    return trained + _load_images(data.get("train_images") or [], "train")
 
 
-def validation_sets(data: Mapping[str, Any], seed: int) -> dict[str, ValidationSet]:
-    """Held-out tiles per tissue: the held-out bands, then each ``val_images`` image.
+def validation_sets(
+    data: Mapping[str, Any], seed: int, bands: Mapping[str, list[TissueRegion]]
+) -> dict[str, ValidationSet]:
+    """Held-out tiles per tissue: the held-out bands (of ``bands``), then each ``val_images``.
 
     Every set uses ``val_tile``² tiles (at most ``val_tiles``) with ``val_speckle`` on R; the
     tiles and their speckle are the same for every model and every epoch.
@@ -209,8 +214,8 @@ def validation_sets(data: Mapping[str, Any], seed: int) -> dict[str, ValidationS
     size, count, mt = int(data["val_tile"]), int(data["val_tiles"]), float(data["val_min_tissue"])
     speckle = data.get("val_speckle")
     groups: dict[str, list[TissueRegion]] = {}
-    if data.get("he"):
-        groups[HELDOUT_BANDS] = regions_in(split_regions(data), data["val_splits"])
+    if bands:
+        groups[HELDOUT_BANDS] = regions_in(bands, data["val_splits"])
     for entry in data.get("val_images") or []:
         path, _ = image_entry(entry)
         groups[Path(path).name] = _load_images([entry], "val")
@@ -252,7 +257,7 @@ def sample_pairs(
     Sample ``i`` uses ``default_rng([seed, i])`` (see the module docstring).
     """
     aug = {**AUGMENT_DEFAULTS, **augment}
-    weights = {w: _slide_weights(regions, w, min_tissue) for w in (size,)}
+    weights: dict[int, np.ndarray] = {}  # per source window size
     flip = RandomFlip(rotate=True)
     dscm, fs, truth = [], [], []
     for i in indices:
@@ -449,15 +454,17 @@ def run_supervised(
     t = _build(config, device)
     start = run.resume(t.parts())
     d = config["data"]
-    regions = training_regions(d)
-    sets = validation_sets(d, int(config["seed"]))
-    if d.get("he"):
+    # The band-split slides are read and cut once, for training, validation and the check.
+    bands = split_regions(d) if d.get("he") else {}
+    if bands:
         check_disjoint(
             {
-                "training": regions_in(split_regions(d), d["train_splits"]),
-                "validation": regions_in(split_regions(d), d["val_splits"]),
+                "training": regions_in(bands, d["train_splits"]),
+                "validation": regions_in(bands, d["val_splits"]),
             }
         )
+    regions = training_regions(d, bands)
+    sets = validation_sets(d, int(config["seed"]), bands)
     _check_images_disjoint(d)
     if start == 0:
         for row in _validate_all(None, sets, INPUT_ROW, 0):
