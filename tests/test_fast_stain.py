@@ -117,6 +117,14 @@ def test_augmentations_are_seeded_and_bounded() -> None:
     assert alpha.shape == (3,) and np.all((alpha > 0.54) & (alpha < 1.83))
     assert np.abs(a - rgb).mean() > 1e-3  # it does change the colours
     np.testing.assert_allclose(hed_jitter(rgb, np.random.default_rng(1), 0.0, 0.0)[0], rgb)
+    # An asymmetric range: paler answers on average, factors inside exp([lo, hi]).
+    draws = np.array(
+        [hed_jitter(rgb, np.random.default_rng(s), [-0.8, 0.4], 0.0)[1] for s in range(200)]
+    )
+    assert np.all((draws > np.exp(-0.8) - 1e-9) & (draws < np.exp(0.4) + 1e-9))
+    assert np.log(draws).mean() == pytest.approx(-0.2, abs=0.06)
+    with pytest.raises(ValueError, match="lo ≤ hi"):
+        hed_jitter(rgb, np.random.default_rng(1), [0.4, -0.8])
     assert zoom_crop(rgb, 0, 0, 32, 2.0).shape == (32, 32, 3)  # 16² window magnified
     assert zoom_crop(rgb[..., 0], 0, 0, 32, 1.0).shape == (32, 32)
     r, f = degrade_pair(rgb[..., 0], rgb[..., 1], np.random.default_rng(2), AUGMENT_DEFAULTS)

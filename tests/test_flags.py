@@ -21,7 +21,13 @@ from napari_confocal_stain.measure.flags import (
 )
 from napari_confocal_stain.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_confocal_stain.models.registry import build_model
-from training.calibrate import Pair, calibrate_model, write_calibrated_checkpoint
+from training.calibrate import (
+    Pair,
+    calibrate_model,
+    solve_thresholds,
+    transfer_factor,
+    write_calibrated_checkpoint,
+)
 
 SLIDE = (4096, 4096)
 
@@ -125,6 +131,34 @@ def test_a_painted_defect_flags_its_cell_only(calibration):
     others = np.ones(out["flagged"].shape, bool)
     others[i, j] = False
     assert np.array_equal(out["flagged"][others], clean["flagged"][others])
+
+
+def test_transfer_factor_makes_thresholds_hold_on_an_unseen_image():
+    """In-sample quantiles fit the images they came from; the factor corrects for that."""
+    rng = np.random.default_rng(0)
+    # Four images whose known-good signal levels differ, as tissues do.
+    levels = np.array([0.0, 0.5, 1.0, 1.5])
+    groups = np.repeat(np.arange(4), 300)
+    values = rng.normal(0, 1, (1200, 3)) + levels[groups][:, None]
+    target = 0.05
+    q, _, rate = solve_thresholds(values, target)
+    med = np.nanmedian(values, axis=0)
+    factor, before, after = transfer_factor(values, groups, q, med, target)
+    assert rate <= target < before  # optimistic in sample, not on a left-out image
+    assert factor > 1 and after <= target + 1e-9
+    # The factor is what the left-out scores need: every image against the others.
+    scores = []
+    for g in range(4):
+        own = groups == g
+        tg = np.quantile(values[~own], q, axis=0)
+        scores.append(((values[own] - med) / (tg - med)).max(axis=1))
+    assert np.isclose(factor, np.quantile(np.concatenate(scores), 1 - target))
+    # One image: nothing to transfer from.
+    assert transfer_factor(values[:300], groups[:300], q, med, target)[0] == 1.0
+    # Images that agree need no correction beyond sampling noise.
+    same = rng.normal(0, 1, (1200, 3))
+    q2, _, _ = solve_thresholds(same, target)
+    assert transfer_factor(same, groups, q2, np.median(same, axis=0), target)[0] < 1.2
 
 
 def test_reasons_text_is_csv_ready():

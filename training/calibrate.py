@@ -12,7 +12,10 @@
    256 px and more also on grids shifted by a quarter or half cell, so large cells have
    enough samples); each signal's threshold is its ``q``-quantile over these known-good
    cells, with one ``q`` per cell size chosen so that the fraction of known-good cells
-   flagged by *any* signal is the target false-flag rate.
+   flagged by *any* signal is the target false-flag rate; then one factor per cell size
+   (the combined threshold, :func:`transfer_factor`) so that the same rate holds leave one
+   image out — each image's cells against thresholds from the other images, which is what
+   a user's slide gets.
 4. A new checkpoint with the same tensors (checked bit for bit) whose metadata holds the
    calibration under ``extra.flag_calibration``, and a section in the model card.
 
@@ -22,6 +25,7 @@ The split is by tissue: the images listed in :data:`DEFAULTS` are calibration on
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ __all__ = [
     "solve_thresholds",
     "stain_pairs",
     "synthetic_pairs",
+    "transfer_factor",
     "update_card",
     "write_calibrated_checkpoint",
 ]
@@ -54,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "card": None,
     "cells": [64, 128, 256, 512, 1024],
     "target_false_flag_rate": 0.02,
+    # Grow the thresholds until the rate holds leave one image out (transfer_factor).
+    "transfer": True,
     "strategy": "seamless",
     "tile": 512,
     "data": {
@@ -70,9 +77,13 @@ DEFAULTS: dict[str, Any] = {
             },
         ],
         "synthetic": [
-            # Read as the plugin reads a slide (percentile-normalised) — the whole slide, so
-            # large cells have samples — and a region as generated.
-            {"seed": 5, "size": [4096, 4096], "region": [0, 4096, 0, 4096], "as_slide": True},
+            # Read as the plugin reads a slide (percentile-normalised) — whole slides, so
+            # large cells have samples, and several, so the leave-one-image-out factor sees
+            # slide-to-slide variation — and a region as generated.
+            *(
+                {"seed": s, "size": [4096, 4096], "region": [0, 4096, 0, 4096], "as_slide": True}
+                for s in (5, 9, 11, 13)
+            ),
             {"seed": 9, "size": [4096, 4096], "region": [1024, 3072, 1024, 3072]},
         ],
         "speckle": {"model": "gaussian", "sigma": 0.2},
@@ -244,11 +255,63 @@ def solve_thresholds(values: np.ndarray, target: float) -> tuple[float, np.ndarr
     return hi, t, rate
 
 
+def transfer_factor(
+    values: np.ndarray,
+    groups: np.ndarray,
+    q: float,
+    median: np.ndarray,
+    target: float,
+) -> tuple[float, float, float]:
+    """How much the thresholds must grow to hold on an image the calibration never saw.
+
+    Each image's cells are scored against thresholds made from the *other* images' cells
+    (the same quantile ``q``): ``score = max_k (s_k − median_k) / (t_k − median_k)``. Over
+    all cells pooled, the ``1 − target`` quantile of those scores is the factor by which
+    every ``t_k − median_k`` must be multiplied for the leave-one-image-out false-flag
+    rate to meet the target (at least 1: in-sample thresholds are never lowered). Known-good
+    signal levels differ between tissues more than within one, so in-sample quantiles are
+    optimistic on a new slide; this is the correction.
+
+    Parameters
+    ----------
+    values
+        ``(n_cells, n_signals)`` known-good signals (NaN = not measured).
+    groups
+        ``(n_cells,)`` the image of each cell.
+    q
+        The quantile level of the thresholds (:func:`solve_thresholds`).
+    median
+        ``(n_signals,)`` medians of the signals over all cells.
+    target
+        Wanted false-flag rate.
+
+    Returns
+    -------
+    (factor, rate_before, rate_after)
+        The factor (1 with fewer than two images), and the leave-one-image-out rate with
+        the in-sample thresholds and with the factor applied.
+    """
+    ids = np.unique(groups)
+    if len(ids) < 2 or len(values) == 0:
+        return 1.0, math.nan, math.nan
+    scores = np.zeros(len(values))
+    for g in ids:
+        own = groups == g
+        other = values[~own]
+        t = np.array([np.nanquantile(c, q) if np.isfinite(c).any() else np.inf for c in other.T])
+        span = np.maximum(t - median, 1e-6)
+        z = np.nan_to_num((values[own] - median) / span, nan=0.0, posinf=0.0, neginf=0.0)
+        scores[own] = z.max(axis=1)
+    factor = max(1.0, float(np.quantile(scores, 1.0 - target)))
+    return factor, float((scores > 1.0).mean()), float((scores > factor).mean())
+
+
 def calibrate_model(
     pairs: Sequence[Pair],
     *,
     cells: Sequence[int] = (64, 128, 256, 512, 1024),
     target: float = 0.08,
+    transfer: bool = True,
     model_name: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Any:
@@ -262,6 +325,10 @@ def calibrate_model(
         Cell sizes to calibrate (interpolated in ``log2`` between them).
     target
         False-flag rate on these known-good cells.
+    transfer
+        Also scale each cell size's thresholds by :func:`transfer_factor` (the combined
+        threshold), so the leave-one-image-out rate meets ``target`` too: the rate on a
+        slide the calibration never saw. False: in-sample thresholds only.
     model_name
         Recorded in the calibration.
     progress
@@ -297,13 +364,16 @@ def calibrate_model(
     gain = float(np.median(all_ratios)) if len(all_ratios) else 1.0
     for m in maps:
         m["gain"] = gain
+    # The bands of one slide are one image for the leave-one-image-out factor.
+    sources = [p.name.split("[")[0].strip() for p in pairs]
+    combined = []
     median: dict[str, list[float]] = {k: [] for k in SIGNALS}
     tail: dict[str, list[float]] = {k: [] for k in SIGNALS}
     measured: dict[str, Any] = {}
     for cell in cells:
-        rows = []
+        rows, groups = [], []
         steps = 4 if cell >= 512 else (2 if cell >= 256 else 1)
-        for m in maps:
+        for m, source in zip(maps, sources, strict=True):
             h, w = m["shape"]
             for oy in range(0, cell, cell // steps):
                 for ox in range(0, cell, cell // steps):
@@ -312,9 +382,16 @@ def calibrate_model(
                     out = cell_signals(m, cell, (oy, ox))
                     sig = np.stack([out["signals"][k] for k in SIGNALS], axis=-1)
                     rows.append(sig[out["tissue"]])
+                    groups += [source] * int(out["tissue"].sum())
         values = np.concatenate(rows) if rows else np.zeros((0, len(SIGNALS)))
         q, t, rate = solve_thresholds(values, target)
         med = np.array([np.nanmedian(c) if np.isfinite(c).any() else 0.0 for c in values.T], float)
+        factor, loo_before, loo_after = (
+            transfer_factor(values, np.array(groups), q, med, target)
+            if transfer
+            else (1.0, math.nan, math.nan)
+        )
+        combined.append(round(factor, 4))
         for k, name in enumerate(SIGNALS):
             median[name].append(float(med[k]))
             tail[name].append(float(max(t[k], med[k] + 1e-6)))
@@ -326,14 +403,21 @@ def calibrate_model(
             "cells": len(values),
             "quantile": round(q, 5),
             "false_flag_rate": round(rate, 4),
+            "images": len(set(groups)),
+            "transfer_factor": round(factor, 4),
+            "leave_one_out_rate_before": _round(loo_before),
+            "leave_one_out_rate": _round(loo_after),
             "per_signal_rate": {k: round(v, 4) for k, v in per_signal.items()},
         }
-        say(f"cell {cell}: {len(values)} known-good cells, q = {q:.4f}, rate {rate:.3f}")
+        say(
+            f"cell {cell}: {len(values)} known-good cells, q = {q:.4f}, rate {rate:.3f}; "
+            f"leave one image out {loo_before:.3f} → ×{factor:.3f} → {loo_after:.3f}"
+        )
     return FlagCalibration(
         cells=cells,
         median=median,
         tail=tail,
-        combined=[1.0] * len(cells),
+        combined=combined,
         nuclei_gain=gain,
         palette=np.round(palette, 3).tolist(),
         quantile=float(np.mean([measured[str(c)]["quantile"] for c in cells])),
@@ -342,6 +426,11 @@ def calibrate_model(
         measured=measured,
         data={"pairs": [p.name for p in pairs], "nuclei": len(all_ratios)},
     )
+
+
+def _round(x: float) -> float | None:
+    """4 decimals, or None for NaN (JSON has no NaN)."""
+    return None if math.isnan(x) else round(x, 4)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -401,26 +490,35 @@ def card_section(calibration: Any, command: str) -> str:
         f"metadata (`extra.flag_calibration`), written by `{command}`. Known-good held-out "
         f"pairs: {', '.join(cal.data.get('pairs', []))}. Each signal's threshold is its "
         f"q-quantile over the known-good tissue cells of a size, with q chosen so that "
-        f"{cal.target_false_flag_rate:.0%} of them are flagged by at least one signal "
-        "(`docs/flags.md`). Nuclear gain (stain hematoxylin / F LoG response): "
+        f"{cal.target_false_flag_rate:.0%} of them are flagged by at least one signal; "
+        "then every threshold's distance from the median is multiplied by the transfer "
+        "factor, so that the same rate holds leave one image out (each image's cells "
+        "against thresholds from the other images: what a slide the calibration never saw "
+        "gets) (`docs/flags.md`). Nuclear gain (stain hematoxylin / F LoG response): "
         f"{cal.nuclei_gain:.3f} over {cal.data.get('nuclei', 0)} clear F nuclei.",
         "",
-        "| cell (px) | known-good cells | q | flagged | " + " | ".join(_short()) + " |",
-        "|---|---|---|---|" + "---|" * len(_short()),
+        "| cell (px) | known-good cells | q | flagged | leave one image out | factor | "
+        + " | ".join(_short())
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(_short()),
     ]
     from napari_confocal_stain.measure.flags import SIGNALS
 
     for i, c in enumerate(cal.cells):
         m = cal.measured.get(str(c), {})
         thr = " | ".join(f"{cal.tail[k][i]:.3g}" for k in SIGNALS)
+        before, after = m.get("leave_one_out_rate_before"), m.get("leave_one_out_rate")
+        loo = "" if before is None or after is None else f"{before:.3f} → {after:.3f}"
         lines.append(
             f"| {c} | {m.get('cells', '')} | {m.get('quantile', float('nan')):.4f} | "
-            f"{m.get('false_flag_rate', float('nan')):.3f} | {thr} |"
+            f"{m.get('false_flag_rate', float('nan')):.3f} | {loo} | "
+            f"×{cal.combined[i]:.3f} | {thr} |"
         )
     lines += [
         "",
-        "Signal thresholds above are the raw values (`docs/flags.md` defines each); "
-        "between calibrated sizes they are interpolated in log2(cell).",
+        "Signal thresholds above are the raw in-sample values (`docs/flags.md` defines "
+        "each), before the factor; between calibrated sizes they are interpolated in "
+        "log2(cell).",
         "",
     ]
     return "\n".join(lines)
@@ -489,7 +587,14 @@ def run_calibrate(config: Mapping[str, Any], progress: bool = True) -> dict[str,
         progress=say,
     )
     name = str(config["model"])
-    cal = calibrate_model(pairs, cells=cells, target=target, model_name=name, progress=say)
+    cal = calibrate_model(
+        pairs,
+        cells=cells,
+        target=target,
+        transfer=bool(config.get("transfer", True)),
+        model_name=name,
+        progress=say,
+    )
     write_calibrated_checkpoint(source, out, cal)
     card = config.get("card")
     if card is None and out.with_suffix(".md").is_file():

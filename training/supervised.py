@@ -269,7 +269,7 @@ def sample_pairs(
         origins = region.origins(win, min_tissue)
         y, x = (int(v) for v in origins[int(rng.integers(len(origins)))])
         rgb = zoom_crop(region.rgb, y, x, size, size / win)
-        rgb, alpha = hed_jitter(rgb, rng, float(aug["hed_log_scale"]), float(aug["hed_bias"]))
+        rgb, alpha = hed_jitter(rgb, rng, aug["hed_log_scale"], float(aug["hed_bias"]))
         # Normalised as a slide of that stain strength would be (see training.augment), or
         # by the unjittered slide's densities (the input then shows the jitter).
         norm = alpha[:2] if aug["hed_renormalise"] else 1.0

@@ -5,14 +5,17 @@ from, cell by cell, with several cheap signals (each "higher = more suspicious")
 each by its median ``m_k`` and threshold ``t_k`` calibrated for the model and the cell size,
 and flags a tissue cell when any signal exceeds its threshold::
 
-    ratio_k = max(0, s_k − m_k) / (t_k − m_k)
+    ratio_k = max(0, s_k − m_k) / ((t_k − m_k) · c)
     score   = max_k ratio_k          flagged = tissue and score > 1
     reasons = the k with ratio_k > 1
 
 The thresholds come from known-good held-out pairs stained by the same model
 (``python -m training calibrate``): each signal's ``q``-quantile over known-good tissue
 cells, one ``q`` for all signals chosen so that a target share of those cells is flagged by
-any signal; stored in the checkpoint's metadata under ``extra.flag_calibration`` (see
+any signal, and ``c ≥ 1`` (the combined threshold) chosen so that the same share holds
+leave one image out — known-good levels differ more between tissues than within one, so
+in-sample quantiles are optimistic on a slide the calibration never saw; stored in the
+checkpoint's metadata under ``extra.flag_calibration`` (see
 :class:`FlagCalibration`). Signals (exact definitions in ``docs/flags.md``):
 
 ``lbp_chi2``          χ² distance of the cell's 256-code LBP histograms, linear stain vs
@@ -600,7 +603,9 @@ class FlagCalibration:
     tissue cells of side ``cells[i]``; a cell's normalised signal is
     ``z_k = (s_k − median_k) / (tail_k − median_k)`` (0 at a typical cell, 1 at the tail),
     its combined statistic ``max_k z_k``, and ``combined[i]`` the value of that statistic
-    that known-good cells exceed at the rate ``target_false_flag_rate``. Between
+    that known-good cells exceed at the rate ``target_false_flag_rate`` on an image the
+    calibration did not see (leave one image out; ≥ 1, see
+    ``training.calibrate.transfer_factor``). Between
     calibrated sizes every number is interpolated linearly in ``log2(cell)``; outside
     them the nearest size's values are used.
     """
