@@ -379,15 +379,7 @@ def pixel_maps(
     # window sees tissue only (the border between tissue and glass is an edge the model
     # may draw in many ways).
     grow = max(1, round(sw / step))
-    look = ndi.minimum_filter(maps["tissue"], size=grow + 1, mode="nearest")
-    # ... and as far inside the image's edge as the local averages reach (their truncated
-    # Gaussians, colour smoothing included): nearer, part of their support is mirrored,
-    # noisier, so an edge cell's local maxima run high and a cropped view would flag cells
-    # the whole slide does not. Inside, a crop's local maps are the whole image's.
-    edge = _TRUNCATE * (sw + _COLOUR_SMOOTH_UM / px)
-    look &= ((ys >= edge) & (ys < height - edge))[:, None]
-    look &= ((xs >= edge) & (xs < width - edge))[None, :]
-    maps["look"] = look
+    maps["look"] = ndi.minimum_filter(maps["tissue"], size=grow + 1, mode="nearest")
 
     y_in = luminance(lin).astype(np.float32)
     y_out = luminance(stained).astype(np.float32)
