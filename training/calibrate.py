@@ -41,6 +41,7 @@ __all__ = [
     "card_section",
     "he_pairs",
     "run_calibrate",
+    "signal_quantiles",
     "solve_thresholds",
     "stain_pairs",
     "synthetic_pairs",
@@ -220,6 +221,13 @@ def stain_pairs(
 # ---------------------------------------------------------------------------- calibrating
 
 
+def signal_quantiles(values: np.ndarray, q: float) -> np.ndarray:
+    """Each column's ``q``-quantile ignoring NaN (``inf`` for a signal never measured)."""
+    return np.array(
+        [np.nanquantile(col, q) if np.isfinite(col).any() else np.inf for col in values.T]
+    )
+
+
 def solve_thresholds(values: np.ndarray, target: float) -> tuple[float, np.ndarray, float]:
     """One quantile level for every signal so that "any signal above" hits ``target``.
 
@@ -238,9 +246,7 @@ def solve_thresholds(values: np.ndarray, target: float) -> tuple[float, np.ndarr
     """
 
     def at(q: float) -> tuple[np.ndarray, float]:
-        t = np.array(
-            [np.nanquantile(col, q) if np.isfinite(col).any() else np.inf for col in values.T]
-        )
+        t = signal_quantiles(values, q)
         hit = np.nan_to_num(values, nan=-np.inf) > t
         return t, float(hit.any(axis=1).mean())
 
@@ -298,7 +304,7 @@ def transfer_factor(
     for g in ids:
         own = groups == g
         other = values[~own]
-        t = np.array([np.nanquantile(c, q) if np.isfinite(c).any() else np.inf for c in other.T])
+        t = signal_quantiles(other, q)
         span = np.maximum(t - median, 1e-6)
         z = np.nan_to_num((values[own] - median) / span, nan=0.0, posinf=0.0, neginf=0.0)
         scores[own] = z.max(axis=1)
