@@ -147,6 +147,55 @@ def test_luminance_ssim_is_the_evaluations_ssim() -> None:
     assert float(luminance_ssim(*t)) == pytest.approx(ref, abs=1e-4)
 
 
+def test_soft_lbp_chi2_is_the_evaluations_lbp_chi2_when_sharp() -> None:
+    """With a narrow sigmoid the texture loss is the metric: skimage's LBP codes, χ²."""
+    from napari_confocal_stain.core.metrics import chi2_distance, lbp_codes
+    from training.supervised import _LUMA, luminance_lbp_chi2
+
+    rng = np.random.default_rng(3)
+    a = _smooth_dscm(40, 44, 1) + rng.normal(0, 0.02, (40, 44, 3)).astype(np.float32)
+    b = _smooth_dscm(40, 44, 2)  # smooth: mostly edge codes, few extrema
+    t = [torch.from_numpy(v.transpose(2, 0, 1))[None].double() for v in (a, b)]
+
+    def hist(v: np.ndarray) -> np.ndarray:
+        # The loss scores interior pixels (all 8 neighbours inside the image).
+        return np.bincount(lbp_codes(v.astype(np.float64) @ np.array(_LUMA))[1:-1, 1:-1].ravel(),
+                           minlength=256)  # fmt: skip
+
+    ref = chi2_distance(hist(a), hist(b))
+    assert ref > 0.05  # noise against smooth: a real texture difference to reproduce
+    assert float(luminance_lbp_chi2(*t, tau=1e-9)) == pytest.approx(ref, abs=1e-6)
+    assert float(luminance_lbp_chi2(t[0], t[0], tau=1e-3)) == pytest.approx(0.0, abs=1e-12)
+    # Differentiable at a usable width: the smooth image is pushed somewhere.
+    out = t[1].clone().requires_grad_()
+    luminance_lbp_chi2(out, t[0], tau=5e-4).backward()
+    assert out.grad is not None and float(out.grad.abs().sum()) > 0
+
+
+def test_tissue_lbp_chi2_ignores_the_glass() -> None:
+    """Texture differences in the white background leave the tissue column unchanged."""
+    from training.validation import GLASS_LUMINANCE, tissue_lbp_chi2
+
+    rng = np.random.default_rng(4)
+    truth = _smooth_dscm(64, 64, 3) * 0.8  # tissue: luminance well below the glass level
+    truth[:, 32:] = 0.985 + rng.normal(0, 0.004, (64, 32, 3))  # glass with grain
+    smooth_glass = truth.copy()
+    smooth_glass[:, 32:] = np.linspace(0.975, 0.99, 32)[None, :, None]  # a ramp, no grain
+    assert (truth[:, 32:] @ np.array([0.2125, 0.7154, 0.0721]) >= GLASS_LUMINANCE).all()
+    assert tissue_lbp_chi2(truth, truth) == 0.0
+    whole = float(_whole_tile_lbp_chi2(truth, smooth_glass))
+    assert whole > 0.05
+    # Only the tissue column's pixels next to the glass see the ramp, through their neighbours.
+    assert tissue_lbp_chi2(truth, smooth_glass) < 0.1 * whole
+    assert np.isnan(tissue_lbp_chi2(np.ones((16, 16, 3)), np.ones((16, 16, 3))))
+
+
+def _whole_tile_lbp_chi2(a: np.ndarray, b: np.ndarray) -> float:
+    from napari_confocal_stain.core.metrics import lbp_chi2_map
+
+    return float(lbp_chi2_map(a, b, max(a.shape[:2]), workers=1)[0, 0])
+
+
 def _synthetic_he(path: Path, shape: tuple[int, int], seed: int) -> Path:
     import tifffile
 

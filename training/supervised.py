@@ -31,6 +31,7 @@ reference row. Outputs in ``out``: ``config.json``, ``log.csv``, ``val.csv``, ``
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ from training.validation import (
 __all__ = [
     "DEFAULTS",
     "luminance_gradient_l1",
+    "luminance_lbp_chi2",
     "luminance_ssim",
     "run_supervised",
     "sample_pairs",
@@ -95,6 +97,9 @@ DEFAULTS: dict[str, Any] = {
         "lambda_grad": 0.0,
         "lambda_hema": 0.0,
         "hema_window": 15,
+        "lambda_lbp": 0.0,
+        "lbp_tau": 0.0005,
+        "lbp_crop": 96,
     },
     "optim": {"lr": 2e-3, "betas": [0.9, 0.999]},
     "schedule": {"iterations": 3000, "decay_start": 1500, "crop": 192, "batch_size": 8},
@@ -120,7 +125,7 @@ DEFAULTS: dict[str, Any] = {
     "known_limits": [],
 }
 
-LOG_FIELDS = ("iteration", "lr", "loss", "l1", "ssim", "grad", "hema", "seconds")
+LOG_FIELDS = ("iteration", "lr", "loss", "l1", "ssim", "grad", "hema", "lbp", "seconds")
 VAL_FIELDS = ("iteration", "model", "eval_set", *STAIN_METRICS)
 HELDOUT_BANDS = "heldout bands"
 """Name of the validation set made of the CC0 slide's held-out bands."""
@@ -180,6 +185,65 @@ def luminance_gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dx = (x[..., :, 1:] - x[..., :, :-1]) - (y[..., :, 1:] - y[..., :, :-1])
     dy = (x[..., 1:, :] - x[..., :-1, :]) - (y[..., 1:, :] - y[..., :-1, :])
     return 0.5 * (dx.abs().mean() + dy.abs().mean())
+
+
+# skimage's neighbour order for P=8, R=1: bit k at angle 2πk/8, (dy, dx) = (-sin, cos);
+# the diagonal ones are bilinear samples at distance 1, as in the evaluation's LBP.
+_LBP_ANGLES = tuple(
+    (k % 2 == 1, round(-math.sin(math.pi * k / 4)), round(math.cos(math.pi * k / 4)))
+    for k in range(8)
+)
+_DIAG = math.sqrt(0.5)
+
+
+def _soft_lbp_histogram(lum: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-image 256-bin histogram of soft radius-1 LBP codes of ``(B, 1, H, W)``."""
+    c = lum[..., 1:-1, 1:-1]
+    h, w = c.shape[-2:]
+
+    def at(dy: int, dx: int) -> torch.Tensor:
+        return lum[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] - c
+
+    hist = torch.ones_like(c)
+    for diagonal, dy, dx in _LBP_ANGLES:
+        d = at(dy, dx)
+        if diagonal:
+            # Bilinear sample at (dy, dx)·√½ minus the centre.
+            d = _DIAG * (1 - _DIAG) * (at(dy, 0) + at(0, dx)) + _DIAG * _DIAG * d
+        bit = torch.sigmoid(d / tau)
+        # Codes so far × (this bit 0, this bit 1): 2^k channels → 2^(k+1), bit k the k-th.
+        hist = torch.cat([hist * (1 - bit), hist * bit], 1)
+    return hist.mean((-2, -1))
+
+
+def luminance_lbp_chi2(a: torch.Tensor, b: torch.Tensor, tau: float = 0.0005) -> torch.Tensor:
+    """Mean χ² between the soft LBP histograms of the luminance of two batches, per image.
+
+    The differentiable counterpart of the evaluation's LBP χ² to the true H&E: each of
+    the 8 neighbour comparisons is a sigmoid of width ``tau`` (default: an eighth of an 8-bit
+    grey level; at ``tau → 0`` it is the metric exactly, bilinear diagonals included), so
+    each pixel spreads unit mass over the 256 codes. A pixel loss leaves the white
+    background as a smooth ramp (edge codes) where the true H&E has the scanner's grain
+    (extrema); this term asks for the true texture's code statistics, not its pixels.
+    ``loss.lambda_lbp`` (default 0) weighs it in ``python -m training supervised``, on a
+    centre crop of ``loss.lbp_crop`` pixels (the 256-channel histogram costs about as much
+    as the rest of a step). Not used by the shipped recipe: see docs/training.md.
+
+    Parameters
+    ----------
+    a, b
+        ``(B, 3, H, W)`` in [0, 1].
+    tau
+        Width of the soft comparison, in luminance units.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar.
+    """
+    w = torch.tensor(_LUMA, dtype=a.dtype, device=a.device).view(1, 3, 1, 1)
+    p, q = (_soft_lbp_histogram(t.mul(w).sum(1, keepdim=True), tau) for t in (a, b))
+    return 0.5 * ((p - q) ** 2 / (p + q + 1e-8)).sum(1).mean()
 
 
 # ------------------------------------------------------------------------------ data
@@ -338,6 +402,14 @@ def _step(t: _Trainee, batch: Mapping[str, torch.Tensor], lam: Mapping[str, Any]
         f = batch["f"].to(t.device)
         hema = hematoxylin_loss(out, f, window=int(lam.get("hema_window", 15)))
         loss = loss + float(lam["lambda_hema"]) * hema
+    lbp = torch.zeros(())
+    if float(lam.get("lambda_lbp", 0.0)) > 0:
+        # The 256-channel soft histogram is the costly part: score a centre crop of each sample.
+        n = min(int(lam.get("lbp_crop", 96)), *out.shape[-2:])
+        top, left = (out.shape[-2] - n) // 2, (out.shape[-1] - n) // 2
+        a, b = (v[..., top : top + n, left : left + n] for v in (out, y))
+        lbp = luminance_lbp_chi2((a + 1) / 2, (b + 1) / 2, float(lam.get("lbp_tau", 0.0005)))
+        loss = loss + float(lam["lambda_lbp"]) * lbp
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     t.opt.step()
@@ -347,6 +419,7 @@ def _step(t: _Trainee, batch: Mapping[str, torch.Tensor], lam: Mapping[str, Any]
         "ssim": ssim.item(),
         "grad": grad.item(),
         "hema": hema.item(),
+        "lbp": lbp.item(),
     }
 
 
