@@ -61,23 +61,26 @@ def test_fast_generator_starts_at_the_linear_stain() -> None:
     assert float(d.mean()) < 0.05
 
 
-def test_fast_checkpoint_round_trip(tmp_path: Path) -> None:
-    g = _trained_like(channels=[4, 8, 16], n_blocks=1)
+@pytest.mark.parametrize("detail", [False, True])
+def test_fast_checkpoint_round_trip(tmp_path: Path, detail: bool) -> None:
+    g = _trained_like(channels=[4, 8, 16], n_blocks=1, detail=detail)
     path = save_checkpoint(tmp_path / "fast.safetensors", g, architecture="fast")
     h = load_model(path, device="cpu")
     assert h.checkpoint_meta["architecture"] == "fast"
+    assert (h.detail is not None) is detail and h.config.get("detail", False) is detail
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(h(x), g(x))
 
 
-def test_norm_free_regions_agree_with_the_whole() -> None:
+@pytest.mark.parametrize("detail", [False, True])
+def test_norm_free_regions_agree_with_the_whole(detail: bool) -> None:
     """No normalisation: a region computed alone equals the same pixels of a larger pass.
 
     The two passes convolve different-sized tensors, which oneDNN may block differently, so
     equality is up to float32 rounding of a ~20-layer network (1e-4 on a [0, 1] output).
     """
-    g = _trained_like(channels=[8, 16, 32], n_blocks=1)
+    g = _trained_like(channels=[8, 16, 32], n_blocks=1, detail=detail)
     img = _smooth_dscm(256, 320, seed=2)
     whole = stain_region(img, g, tile=64, precision="fp32", skip_background=False)
     # A window with 64 px of context on every side (more than the receptive field reaches
@@ -104,6 +107,34 @@ def test_bf16_fast_path_matches_fp32_within_the_stated_tolerance() -> None:
     cal = cpu_precision(g)
     assert report["precision"] == cal["precision"] in ("fp32", "bf16")
     np.testing.assert_allclose(auto, ref, atol=CPU_BF16_TOLERANCE["max_abs"])
+
+
+def test_detail_path_starts_at_zero_and_carries_pixel_detail(tmp_path: Path) -> None:
+    """``detail=True`` adds a path that starts silent; trained, it passes fine input detail.
+
+    Near white the ``tanh`` output has slope ~0.08, so without the path a one-pixel input
+    change barely reaches the output; through it, it arrives at the path's own gain.
+    """
+    from training.supervised import _build
+
+    g = _trained_like(channels=[4, 8, 16], n_blocks=1)
+    start = save_checkpoint(tmp_path / "start.safetensors", g, architecture="fast")
+    config = {"model": {"name": "fast", "kwargs": {"channels": [4, 8, 16], "n_blocks": 1,
+              "detail": True}}, "init": str(start), "schedule": {"crop": 32},
+              "optim": {"lr": 1e-3, "betas": [0.9, 0.999]}}  # fmt: skip
+    h = _build(config, torch.device("cpu")).model.eval()
+    x = torch.full((1, 3, 32, 32), 0.9)
+    x[..., 16, 16] += 0.05  # one brighter pixel on a near-white field
+    with torch.no_grad():
+        torch.testing.assert_close(h(x), g(x), rtol=0, atol=0)  # starts exactly at ``init``
+        h.detail.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        bump = h(x)[0, :, 16, 16] - h(x)[0, :, 16, 12]
+        plain = g(x)[0, :, 16, 16] - g(x)[0, :, 16, 12]
+    # The path adds (1 - 1/9) of the bump: 0.044 per channel.
+    torch.testing.assert_close(bump - plain, torch.full((3,), 0.05 * 8 / 9), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="init"):
+        _build({**config, "model": {"name": "fast", "kwargs": {"channels": [4, 8, 32]}}},
+               torch.device("cpu"))  # fmt: skip
 
 
 def test_augmentations_are_seeded_and_bounded() -> None:

@@ -443,6 +443,38 @@ def test_chunked_flags_equal_the_whole_slide_flags(synthetic_slide, painted):
         assert slide.reasons[tuple(idx)] == whole["reasons"][tuple(idx)]
 
 
+def test_region_flags_equal_the_whole_slide_flags_of_its_cells(synthetic_slide, painted):
+    """A region measure (the viewer's "Measure visible region") reads context beyond it.
+
+    Flagging a *crop* mirrors the local signals at the crop's edge (docs/flags.md, cells
+    around a defect); the region measure instead reads the slide around the region, so the
+    cells of a view deep inside the slide score as they do in the whole slide.
+    """
+    from napari_confocal_stain.measure.flags import flag_hallucinations
+    from napari_confocal_stain.measure.slide import measure_slide, output_calibration
+
+    output = painted[0]
+    pipeline = StainPipeline(open_mosaic(synthetic_slide))
+    r, f = pipeline.raw(0, (0, SIZE[0], 0, SIZE[1]))
+    whole = flag_hallucinations(r, f, output / 255.0, cell=CELL)
+    region = (CELL, 3 * CELL, CELL, 3 * CELL)  # 2 × 2 cells, slide on every side
+    slide = SlideMaps(SIZE, CELL)
+    for _, _, block in measure_slide(
+        pipeline, 0, CELL, region=region, output=lambda _lv, b: output[b[0] : b[1], b[2] : b[3]],
+        chunk=512, calibration=output_calibration(pipeline, gan=False),
+    ):  # fmt: skip
+        slide.add(block)
+    inner = (slice(1, 3), slice(1, 3))
+    np.testing.assert_allclose(slide.flags["score"][inner], whole["score"][inner], atol=1e-6)
+    assert np.isnan(slide.flags["score"][0, 0])  # outside the region: not measured
+    # The same cells flagged from a crop of exactly the region (no context) differ.
+    y0, y1, x0, x1 = region
+    crop = flag_hallucinations(
+        r[y0:y1, x0:x1], f[y0:y1, x0:x1], output[y0:y1, x0:x1] / 255.0, cell=CELL
+    )
+    assert not np.allclose(crop["score"], whole["score"][inner], atol=1e-3)
+
+
 def test_cli_metrics_csv_has_the_calibrated_flags(
     synthetic_slide, calibrated_affine, tmp_path, capsys
 ):

@@ -369,12 +369,17 @@ def _build(config: Mapping[str, Any], device: torch.device) -> _Trainee:
     model = build_model(spec["name"], **spec.get("kwargs", {}))
     if config.get("init"):
         start = read_model(config["init"])
-        if type(start) is not type(model) or start.config != model.config:
+        # A path the start lacks (the fast model's ``detail``) starts at its zero init.
+        added = {k for k, v in model.config.items() if v is True and k not in start.config}
+        base = {k: v for k, v in model.config.items() if k not in added}
+        if type(start) is not type(model) or start.config != base:
             raise ValueError(
                 f"init {config['init']}: a {type(start).__name__}{start.config}, not the "
                 f"configured {type(model).__name__}{model.config}"
             )
-        model.load_state_dict(start.state_dict())
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+        if unexpected or any(k.split(".")[0] not in added for k in missing):
+            raise ValueError(f"init {config['init']}: parameters differ ({missing}, {unexpected})")
     model = model.to(device)
     mult = int(getattr(model, "size_multiple", 1))
     crop = int(config["schedule"]["crop"])

@@ -20,6 +20,14 @@ the full-resolution grid, the way efficient super-resolution networks do (ESPCN,
 * **A per-pixel path from the input.** A 1×1 convolution of the full-resolution input is added
   before the final ``tanh``, so the linear stain's own structure reaches the output through one
   affine map: the network only has to learn a correction.
+* **Optionally, a detail path after the ``tanh``** (``detail=True``): the input's pixel-scale
+  detail (the input minus its 3×3 mean) through a 1×1 convolution, added to the output and
+  clamped to [-1, 1]. Near white the ``tanh`` flattens everything that passes through it (its
+  slope at 0.96 is 0.08), so the per-pixel path cannot carry the grain of glass and pale
+  stroma to the output; a regression then draws those as smooth ramps, which texture
+  measures such as LBP see as different tissue. The path starts at zero (a checkpoint
+  without it loads into it unchanged) and costs one full-resolution 3×3 mean and 1×1
+  convolution on three channels.
 * **No normalisation layers.** Output depends on a bounded neighbourhood only, so any region,
   tile or block boundary gives exactly the same pixels as one pass over the whole slide (given
   enough context), and the engine needs no windowed-statistics machinery for it. Training on
@@ -75,6 +83,9 @@ class FastGenerator(DeepGenerator):
         stride-2 stages below it.
     n_blocks
         Residual blocks (two 3×3 convolutions each) at the bottleneck.
+    detail
+        Add the input's pixel-scale detail after the ``tanh`` through a 1×1 convolution
+        (see the module notes); the output is then clamped to [-1, 1].
 
     Notes
     -----
@@ -82,7 +93,8 @@ class FastGenerator(DeepGenerator):
     ``conv3×3(4·in → c₀) → ReLU``; ``down[i]``: ``conv3×3 stride 2 (cᵢ → cᵢ₊₁) → ReLU``;
     ``blocks`` on ``cₙ``; ``up[j]`` to level ``k``: ``nearest×2(conv1×1(x → cₖ)) + eₖ →
     conv3×3 → ReLU``; head: ``pixel_shuffle(conv3×3(cat(x, z) → 4·out), 2) + conv1×1(x_in)``
-    → ``tanh``. Zero padding inside (the engine reflect-pads regions and gives them context).
+    → ``tanh`` (with ``detail``: ``+ conv1×1(x_in − mean3×3(x_in))``, clamped to [-1, 1]).
+    Zero padding inside (the engine reflect-pads regions and gives them context).
     Defaults (the registry's ``fast``, shipped as ``stain-fast``): channels 16/32/64/128, two
     blocks, 751,480 parameters, 12.4 kFLOP per output pixel (``models/flops.py``),
     all of it at half resolution or below.
@@ -94,6 +106,7 @@ class FastGenerator(DeepGenerator):
         out_channels: int = 3,
         channels: Sequence[int] = (16, 32, 64, 128),
         n_blocks: int = 2,
+        detail: bool = False,
     ) -> None:
         super().__init__()
         ch = [int(c) for c in channels]
@@ -108,6 +121,9 @@ class FastGenerator(DeepGenerator):
             "channels": ch,
             "n_blocks": n_blocks,
         }
+        if detail:
+            # Only when set, so checkpoints written before the option keep their config.
+            self.config["detail"] = True
         self.in_channels = in_channels
         # The fold is one more halving of the grid: sizes must be multiples of 2**(n + 1).
         self.n_down = len(ch)
@@ -123,6 +139,7 @@ class FastGenerator(DeepGenerator):
         self.fuse = nn.ModuleList(nn.Conv2d(ch[k - 1], ch[k - 1], 3, padding=1) for k in levels)
         self.head = nn.Conv2d(ch[0] + folded, out_channels * FOLD * FOLD, 3, padding=1)
         self.pixel = nn.Conv2d(in_channels, out_channels, 1)
+        self.detail = nn.Conv2d(in_channels, out_channels, 1) if detail else None
         with torch.no_grad():
             # Start as (nearly) the identity on the linear stain: tanh(x) of DSCM in [-1, 1].
             self.head.weight.mul_(0.1)
@@ -132,6 +149,9 @@ class FastGenerator(DeepGenerator):
             if in_channels == out_channels:
                 for c in range(out_channels):
                     self.pixel.weight[c, c, 0, 0] = 1.0
+            if self.detail is not None:
+                self.detail.weight.zero_()
+                self.detail.bias.zero_()
 
     def norm_layers(self) -> list[nn.InstanceNorm2d]:
         """None: the model is norm-free (its output depends on a bounded neighbourhood)."""
@@ -154,4 +174,9 @@ class FastGenerator(DeepGenerator):
             x = F.interpolate(lateral(x), scale_factor=2, mode="nearest") + skip
             x = F.relu(fuse(x))
         y = F.pixel_shuffle(self.head(torch.cat([x, z.to(x.dtype)], dim=1)), FOLD)
-        return torch.tanh(y + self.pixel(inp.to(y.dtype)))
+        out = torch.tanh(y + self.pixel(inp.to(y.dtype)))
+        if self.detail is None:
+            return out
+        # Zero padding like the convolutions: the engine gives regions context.
+        fine = inp - F.avg_pool2d(inp, 3, stride=1, padding=1, count_include_pad=True)
+        return (out + self.detail(fine.to(out.dtype))).clamp(-1.0, 1.0)

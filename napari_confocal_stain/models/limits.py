@@ -26,7 +26,8 @@ kwarg                                  allowed
 ``final_activation``                   null, ``"tanh"``, ``"relu"``, ``"sigmoid"``,
                                        ``"softplus"``
 ``norm``                               ``"instance"`` or ``"none"``
-``input_skip``, ``clamp_output``       true or false
+``input_skip``, ``clamp_output``,      true or false
+``detail``
 ``eps``, ``div_eps``                   number, 0 < x ≤ 1
 =====================================  ==================================================
 
@@ -197,6 +198,7 @@ KWARG_LIMITS: Mapping[str, KwargRule] = MappingProxyType(
         "norm": OneOf(("instance", "none")),
         "input_skip": Flag(),
         "clamp_output": Flag(),
+        "detail": Flag(),
         "eps": FloatRange(0.0, 1.0),
         "div_eps": FloatRange(0.0, 1.0),
     }
