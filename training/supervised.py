@@ -145,6 +145,12 @@ def _gaussian_window(sigma: float, device: torch.device) -> torch.Tensor:
     return g / g.sum()
 
 
+def _luma(t: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` luminance of a ``(B, 3, H, W)`` RGB batch (the metrics' weights)."""
+    w = torch.tensor(_LUMA, dtype=t.dtype, device=t.device).view(1, 3, 1, 1)
+    return t.mul(w).sum(1, keepdim=True)
+
+
 def luminance_ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = _SSIM_SIGMA) -> torch.Tensor:
     """Mean Gaussian-window SSIM of the luminance of two RGB batches in [0, 1].
 
@@ -161,8 +167,7 @@ def luminance_ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = _SSIM_SIGMA)
     torch.Tensor
         Scalar.
     """
-    w = torch.tensor(_LUMA, dtype=a.dtype, device=a.device).view(1, 3, 1, 1)
-    x, y = (t.mul(w).sum(1, keepdim=True) for t in (a, b))
+    x, y = _luma(a), _luma(b)
     g = _gaussian_window(sigma, a.device).to(a.dtype)
     gy, gx = g.view(1, 1, -1, 1), g.view(1, 1, 1, -1)
 
@@ -180,8 +185,7 @@ def luminance_ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = _SSIM_SIGMA)
 
 def luminance_gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean |∂x| and |∂y| difference of the luminance of two RGB batches in [0, 1]."""
-    w = torch.tensor(_LUMA, dtype=a.dtype, device=a.device).view(1, 3, 1, 1)
-    x, y = (t.mul(w).sum(1, keepdim=True) for t in (a, b))
+    x, y = _luma(a), _luma(b)
     dx = (x[..., :, 1:] - x[..., :, :-1]) - (y[..., :, 1:] - y[..., :, :-1])
     dy = (x[..., 1:, :] - x[..., :-1, :]) - (y[..., 1:, :] - y[..., :-1, :])
     return 0.5 * (dx.abs().mean() + dy.abs().mean())
@@ -241,8 +245,7 @@ def luminance_lbp_chi2(a: torch.Tensor, b: torch.Tensor, tau: float = 0.0005) ->
     torch.Tensor
         Scalar.
     """
-    w = torch.tensor(_LUMA, dtype=a.dtype, device=a.device).view(1, 3, 1, 1)
-    p, q = (_soft_lbp_histogram(t.mul(w).sum(1, keepdim=True), tau) for t in (a, b))
+    p, q = _soft_lbp_histogram(_luma(a), tau), _soft_lbp_histogram(_luma(b), tau)
     return 0.5 * ((p - q) ** 2 / (p + q + 1e-8)).sum(1).mean()
 
 
